@@ -1,0 +1,95 @@
+"""`ScalifyConfig`: trace-time options of the scalify transform.
+
+The configuration is read when a function is *traced* (by `scalify`, or by `jax.jit` of a
+scalified function), not when the compiled function runs: change it before tracing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class Pow2RoundMode(enum.IntEnum):
+    """How a positive scale is rounded to a power of two.
+
+    - ``NONE``: no rounding; scales are whatever the rule computes.
+    - ``DOWN``: the largest power of two ``<= x`` (the default: data then grows by at most
+      2x above the target norm, never shrinks towards the subnormals).
+    - ``UP``: the smallest power of two ``>= x``.
+    - ``STOCHASTIC``: ``DOWN`` or ``UP`` with probability proportional to the distance,
+      so that rounding is unbiased on average. The random draw is a hash of the value's
+      bits: deterministic for a given value, needing no PRNG key, and identical eagerly,
+      under ``jit`` and at trace time.
+
+    An exact power of two is returned unchanged by every mode.
+    """
+
+    NONE = 0
+    DOWN = 1
+    UP = 2
+    STOCHASTIC = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalifyConfig:
+    """Options of the scalify transform, used as a context manager::
+
+        with sfy.ScalifyConfig(rounding_mode=sfy.Pow2RoundMode.UP):
+            out = jax.jit(sfy.scalify(f))(x)   # traced here: UP rounding applies
+
+    Attributes:
+      rounding_mode: how rules round the scales they compute (`Pow2RoundMode`).
+      scale_dtype: dtype of the scales rules create (float32 by default; float16 or
+        bfloat16 scales save nothing measurable and lose range, so prefer float32).
+    """
+
+    rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
+    scale_dtype: Any = np.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounding_mode, Pow2RoundMode):
+            raise TypeError(
+                f"ScalifyConfig.rounding_mode must be a Pow2RoundMode, got {self.rounding_mode!r}."
+            )
+        dtype = np.dtype(self.scale_dtype)
+        if not np.issubdtype(dtype, np.floating) or dtype.itemsize < 2:
+            raise TypeError(f"ScalifyConfig.scale_dtype must be a float dtype, got {dtype}.")
+        object.__setattr__(self, "scale_dtype", dtype)
+
+    def __enter__(self) -> "ScalifyConfig":
+        _stack().append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _stack().pop()
+
+
+_local = threading.local()
+_DEFAULT = ScalifyConfig()
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def get_config() -> ScalifyConfig:
+    """The innermost active `ScalifyConfig` (the default one outside any `with`)."""
+    stack = _stack()
+    return stack[-1] if stack else _DEFAULT
+
+
+@contextlib.contextmanager
+def _no_config() -> Iterator[None]:  # used by tests to reset the stack
+    saved = list(_stack())
+    _stack().clear()
+    try:
+        yield
+    finally:
+        _stack()[:] = saved

@@ -1,0 +1,196 @@
+"""`ScaledArray`: a low-precision ``data`` array and a scalar ``scale``.
+
+The value represented is ``data * scale``. ``data`` keeps the shape and dtype the user's
+function sees (float16, bfloat16, float8, float32...); ``scale`` is a float32 scalar,
+normally a power of two, that carries the magnitude.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalify.core.pow2 import is_static
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for every floating dtype, float8 formats of ml_dtypes included."""
+    try:
+        return jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        return False
+
+
+class ScaledArray:
+    """A scaled tensor: value ``data * scale``.
+
+    Args:
+      data: a floating array (any float dtype, float8 included).
+      scale: a floating scalar, normally a power of two. Python numbers become float32.
+
+    A ScaledArray is a JAX pytree with children ``(data, scale)``: it passes through
+    `jax.jit`, `jax.tree` functions, `eval_shape` and sharding like a pair of arrays.
+    Outside `scalify` it is a container; inside `scalify` every primitive acts on it.
+    """
+
+    __slots__ = ("data", "scale")
+    __array_priority__ = 1000
+
+    def __init__(self, data: Any, scale: Any):
+        if isinstance(data, ScaledArray):
+            raise TypeError("ScaledArray data must be an array, got a ScaledArray.")
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scale = np.float32(scale)
+        dtype = getattr(data, "dtype", None)
+        if dtype is None or not is_float_dtype(dtype):
+            raise TypeError(
+                f"ScaledArray data must be a floating array, got {type(data).__name__}"
+                f" of dtype {dtype}."
+            )
+        sdtype = getattr(scale, "dtype", None)
+        if sdtype is None or not is_float_dtype(sdtype):
+            raise TypeError(f"ScaledArray scale must be a floating scalar, got {scale!r}.")
+        if np.shape(scale) != ():
+            raise TypeError(
+                f"ScaledArray scale must be a scalar, got shape {np.shape(scale)}."
+            )
+        if is_static(scale) and not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"ScaledArray scale must be positive and finite, got {scale}.")
+        self.data = data
+        self.scale = scale
+
+    # --- array-like attributes -------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def aval(self) -> jax.core.ShapedArray:
+        return jax.core.ShapedArray(self.shape, self.dtype)
+
+    def to_array(self, dtype: Optional[Any] = None) -> jax.Array:
+        """The value ``data * scale`` as a plain array of ``dtype`` (default: data's).
+
+        The product is computed in float32 (or wider) and rounded once to ``dtype``.
+        """
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        cdtype = jnp.promote_types(jnp.promote_types(self.dtype, np.float32), dtype)
+        if not is_float_dtype(dtype):
+            cdtype = jnp.promote_types(self.dtype, np.float32)
+        value = jnp.asarray(self.data).astype(cdtype) * jnp.asarray(self.scale).astype(cdtype)
+        return value.astype(dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.to_array(), dtype=dtype)
+
+    def astype(self, dtype: Any) -> "ScaledArray":
+        """Same scale, data cast to ``dtype`` (a float dtype)."""
+        if not is_float_dtype(dtype):
+            raise TypeError(f"ScaledArray.astype needs a float dtype, got {dtype}.")
+        return ScaledArray(self.data.astype(dtype), self.scale)
+
+    def __repr__(self) -> str:
+        return f"ScaledArray(data={self.data!r}, scale={self.scale!r})"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _flatten_with_keys(x: ScaledArray):
+    return ((jax.tree_util.GetAttrKey("data"), x.data), (jax.tree_util.GetAttrKey("scale"), x.scale)), None
+
+
+def _unflatten(aux: Any, children: Any) -> ScaledArray:
+    # JAX rebuilds pytrees with placeholder leaves (None, object(), tracers, specs):
+    # no validation here, only in the constructor users call.
+    out = object.__new__(ScaledArray)
+    out.data, out.scale = children
+    return out
+
+
+jax.tree_util.register_pytree_with_keys(
+    ScaledArray, _flatten_with_keys, _unflatten, flatten_func=lambda x: ((x.data, x.scale), None)
+)
+
+
+def is_scaled_leaf(x: Any) -> bool:
+    """`is_leaf` predicate for `jax.tree` functions: stop at ScaledArrays."""
+    return isinstance(x, ScaledArray)
+
+
+def _check_concrete_scale(scale: Any) -> None:
+    if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
+        s = np.asarray(scale)
+        if not (np.isfinite(s) and s > 0):
+            raise ValueError(f"ScaledArray scale must be positive and finite, got {s}.")
+
+
+def scaled_array(values: Any, scale: Any, dtype: Any = None) -> ScaledArray:
+    """``ScaledArray(data=values, scale=scale)``: ``values`` is the *data*, not divided.
+
+    Args:
+      values: array-like data (lists and NumPy arrays become JAX arrays).
+      scale: positive scalar; Python/NumPy numbers become float32.
+      dtype: optional dtype for the data.
+    """
+    data = jnp.asarray(values, dtype=dtype)
+    scale = jnp.asarray(scale, dtype=np.float32) if not hasattr(scale, "dtype") else jnp.asarray(scale)
+    _check_concrete_scale(scale)
+    return ScaledArray(data, scale)
+
+
+def as_scaled_array(tree: Any, scale: Any = None) -> Any:
+    """Turn every float leaf of ``tree`` into a ScaledArray of the same value.
+
+    ``data = x / scale`` (``scale`` defaults to 1, so data is ``x`` itself); integer and
+    boolean leaves, and existing ScaledArrays, are returned unchanged.
+    """
+    if scale is not None:
+        scale = jnp.asarray(scale, dtype=np.float32)
+        if np.shape(scale) != ():
+            raise TypeError(f"as_scaled_array: scale must be a scalar, got shape {np.shape(scale)}.")
+        _check_concrete_scale(scale)
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, ScaledArray) or x is None:
+            return x
+        if isinstance(x, (float,)) or (hasattr(x, "dtype") and is_float_dtype(x.dtype)):
+            x = jnp.asarray(x)
+            if scale is None:
+                return ScaledArray(x, jnp.ones((), np.float32))
+            data = (x.astype(jnp.promote_types(x.dtype, np.float32)) / scale).astype(x.dtype)
+            return ScaledArray(data, scale)
+        return x
+
+    return jax.tree.map(convert, tree, is_leaf=is_scaled_leaf)
+
+
+def asarray(tree: Any, dtype: Any = None) -> Any:
+    """Turn every ScaledArray leaf of ``tree`` into a plain array (``data * scale``).
+
+    With ``dtype``, float leaves (scaled or plain) are cast to it; other leaves are
+    returned unchanged.
+    """
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, ScaledArray):
+            return x.to_array(dtype)
+        if dtype is not None and hasattr(x, "dtype") and is_float_dtype(x.dtype):
+            return jnp.asarray(x).astype(dtype)
+        return x
+
+    return jax.tree.map(convert, tree, is_leaf=is_scaled_leaf)

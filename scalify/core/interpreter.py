@@ -1,0 +1,203 @@
+"""The scalify transform: trace to a jaxpr, then re-interpret every equation.
+
+The interpreter knows no primitive by name. For each equation it:
+
+1. calls the primitive's registered scaled rule when any operand is a ScaledArray
+   (and raises `UnsupportedPrimitiveError` naming the primitive, the operands and the
+   user's source line when there is none);
+2. folds the equation at trace time when every operand is static (NumPy literals and
+   constants, or earlier folds), so that ``zeros_like``, ``full(-inf)`` masks and
+   constant scalars keep their values for the rules that meet them later;
+3. otherwise binds the primitive unchanged: plain arrays stay plain.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+
+from scalify import _jax_compat
+from scalify.core.datatype import ScaledArray, is_scaled_leaf
+from scalify.core.operands import as_jax
+from scalify.core.pow2 import is_static
+from scalify.core.registry import UnsupportedPrimitiveError, get_scaled_rule
+
+# Folding materialises an equation's result on the host at trace time: above this many
+# elements it is skipped (the equation is bound as usual) unless its operands are all
+# scalars broadcast (then the result is checked for uniformity and kept as a view).
+_FOLD_MAX_SIZE = 1 << 22
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, ScaledArray):
+        return f"ScaledArray({x.dtype}{list(x.shape)})"
+    if hasattr(x, "dtype"):
+        kind = "static" if is_static(x) else "array"
+        return f"{kind}({np.dtype(x.dtype)}{list(np.shape(x))})"
+    return type(x).__name__
+
+
+def _unsupported(eqn: Any, invals: Sequence[Any]) -> UnsupportedPrimitiveError:
+    operands = ", ".join(_describe(x) for x in invals)
+    return UnsupportedPrimitiveError(
+        f"scalify has no scaled rule for primitive '{eqn.primitive.name}' "
+        f"(operands: {operands}), at {_jax_compat.source_line(eqn)}. "
+        "Convert the operand with `scalify.asarray` before this operation, or register a "
+        "rule with `scalify.core.register_scaled_op`."
+    )
+
+
+def _is_foldable(eqn: Any, invals: Sequence[Any]) -> bool:
+    if eqn.effects or not all(is_static(x) for x in invals):
+        return False
+    for v in eqn.outvars:
+        aval = v.aval
+        if not isinstance(getattr(aval, "dtype", None), np.dtype):
+            return False  # tokens, PRNG keys and other extended dtypes
+        if int(np.prod(aval.shape, dtype=np.int64)) > _FOLD_MAX_SIZE:
+            return False
+    return True
+
+
+def _to_static(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.size > 1:
+        first = a.reshape(-1)[0]
+        if np.all(a == first):
+            # Keep a uniform result as a zero-copy broadcast view: cheap to hold, and
+            # recognised as uniform by the rules without another pass.
+            return np.broadcast_to(first, a.shape)
+    return a
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> List[Any]:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
+    """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
+    if any(isinstance(x, ScaledArray) for x in invals):
+        rule = get_scaled_rule(eqn.primitive)
+        if rule is None:
+            raise _unsupported(eqn, invals)
+        try:
+            out = rule(*invals, **eqn.params)
+        except UnsupportedPrimitiveError:
+            raise
+        except Exception as e:  # name the primitive and line of a failing rule
+            e.add_note(
+                f"(in scalify's rule for '{eqn.primitive.name}' at {_jax_compat.source_line(eqn)})"
+            )
+            raise
+        return list(out) if eqn.primitive.multiple_results else [out]
+    if invals and _is_foldable(eqn, invals):
+        with jax.ensure_compile_time_eval():
+            outs = _bind(eqn, invals)
+        return [_to_static(o) for o in outs]
+    return _bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
+
+
+def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
+    """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules."""
+    env: dict = {}
+
+    def read(v: Any) -> Any:
+        if isinstance(v, Literal):
+            return np.asarray(v.val, dtype=v.aval.dtype)
+        return env[v]
+
+    def write(v: Any, val: Any) -> None:
+        if type(v).__name__ != "DropVar":
+            env[v] = val
+
+    if len(args) != len(jaxpr.invars):
+        raise TypeError(f"jaxpr expects {len(jaxpr.invars)} arguments, got {len(args)}.")
+    for v, c in zip(jaxpr.constvars, consts):
+        write(v, c)
+    for v, a in zip(jaxpr.invars, args):
+        write(v, a)
+    for eqn in jaxpr.eqns:
+        outs = eval_equation(eqn, [read(v) for v in eqn.invars])
+        for v, o in zip(eqn.outvars, outs):
+            write(v, o)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any) -> List[Any]:
+    """`eval_jaxpr` for a ClosedJaxpr (its consts included)."""
+    return eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, ScaledArray):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
+
+
+def _check_leaf(x: Any) -> None:
+    if isinstance(x, ScaledArray):
+        s = x.scale
+        if np.shape(s) != ():
+            raise TypeError(f"scalify: ScaledArray scale must be a scalar, got shape {np.shape(s)}.")
+        if isinstance(s, (np.ndarray, np.generic)) or (
+            isinstance(s, jax.Array) and not _jax_compat.is_tracer(s)
+        ):
+            v = np.asarray(s)
+            if not (np.isfinite(v) and v > 0):
+                raise ValueError(f"scalify: ScaledArray scale must be positive and finite, got {v}.")
+        return
+    if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
+        return
+    raise TypeError(
+        f"scalify: every argument leaf must be an array, a ScaledArray or a number, got "
+        f"{type(x).__name__}. Pass static values with functools.partial."
+    )
+
+
+def _finalise(x: Any) -> Any:
+    """Outputs are JAX values: static results and scales become JAX arrays."""
+    if isinstance(x, ScaledArray):
+        return ScaledArray(jnp.asarray(x.data), jnp.asarray(x.scale))
+    if is_static(x):
+        return jnp.asarray(x)
+    return x
+
+
+def scalify(fun: Callable) -> Callable:
+    """Transform ``fun`` to propagate scales through every primitive.
+
+    The returned function takes the same arguments as ``fun``, where any float array may
+    be a `ScaledArray`. It traces ``fun`` with the ScaledArrays' data shapes and dtypes to
+    a jaxpr and interprets each equation with its scaled rule; plain arrays stay plain
+    unless combined with scaled ones. Composes with `jax.jit` (outside or inside ``fun``),
+    `jax.grad` (outside or inside), `jax.vmap` and `jax.lax` control flow.
+    """
+
+    @functools.wraps(fun)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_scaled_leaf)
+        for leaf in leaves:
+            _check_leaf(leaf)
+
+        def flat_fun(*flat: Any) -> Any:
+            a, k = jax.tree.unflatten(treedef, flat)
+            return fun(*a, **k)
+
+        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
+            *[_abstract(x) for x in leaves]
+        )
+        outs = eval_closed_jaxpr(closed, *leaves)
+        out_tree = jax.tree.structure(out_shape)
+        return jax.tree.unflatten(out_tree, [_finalise(o) for o in outs])
+
+    return wrapped

@@ -1,0 +1,177 @@
+"""How rules see their operands: scales, alignment and static (trace-time) knowledge.
+
+Rules receive ScaledArrays and plain arrays mixed. A plain operand is read as scale 1,
+except a *static* one (a NumPy value known at trace time: a literal, a folded constant
+such as ``zeros_like`` or a ``-inf`` mask fill) whose value is the same everywhere:
+
+- a finite non-zero constant ``c`` has scale ``pow2(|c|)``;
+- a *scale-free* constant (0, +-inf, NaN) has the same value in every scale, so it
+  takes no part in choosing a common scale and adopts whatever scale it is aligned to.
+
+Scale arithmetic stays in NumPy when every scale is static, so it folds at trace time.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalify.core.config import get_config
+from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
+
+
+def static_uniform_value(x: Any) -> Optional[np.generic]:
+    """The single value of a static array whose elements are all equal, else None."""
+    if not is_static(x):
+        return None
+    a = np.asarray(x)
+    if a.size == 0:
+        return None
+    first = a.reshape(-1)[0]
+    if a.size == 1 or all(s == 0 for s in a.strides):
+        return first
+    if a.size <= 1 << 22 and (np.all(a == first) or (np.isnan(first) and np.all(np.isnan(a)))):
+        return first
+    return None
+
+
+def is_scale_free(x: Any) -> bool:
+    """True for a static constant that reads the same in any scale: 0, +-inf, NaN."""
+    c = static_uniform_value(x)
+    if c is None or not is_float_dtype(np.asarray(c).dtype):
+        return c is not None and c == 0
+    return bool(c == 0 or not np.isfinite(c))
+
+
+def scale_dtype() -> np.dtype:
+    return get_config().scale_dtype
+
+
+def one() -> np.ndarray:
+    """A static scale of 1."""
+    return np.ones((), scale_dtype())
+
+
+def scale_of(x: Any) -> Any:
+    """The scale an operand is read with (None for scale-free constants)."""
+    if isinstance(x, ScaledArray):
+        return x.scale
+    c = static_uniform_value(x)
+    if c is not None:
+        if is_scale_free(x):
+            return None
+        return pow2_round_down(np.abs(np.asarray(c, dtype=scale_dtype())))
+    if is_static(x):
+        a = np.abs(np.asarray(x, dtype=scale_dtype()))
+        finite = a[np.isfinite(a)]
+        m = finite.max() if finite.size else 0
+        return pow2_round_down(np.asarray(m, scale_dtype())) if m > 0 else one()
+    return one()
+
+
+def promote(x: Any) -> ScaledArray:
+    """Any float operand as a ScaledArray of the same value (ScaledArrays unchanged)."""
+    if isinstance(x, ScaledArray):
+        return x
+    s = scale_of(x)
+    s = one() if s is None else s
+    return ScaledArray(in_scale(x, s, np.asarray(x).dtype if is_static(x) else x.dtype), s)
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype rules compute in: float32, or the data dtype if wider."""
+    return jnp.promote_types(np.dtype(dtype), np.float32)
+
+
+def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
+    """The value of ``x`` divided by ``scale``, as an array of ``dtype``.
+
+    ``dtype`` defaults to the compute dtype (float32 or wider). Exact when the ratio of
+    scales is a power of two and the result is in range. Static uniform operands become
+    a broadcast constant (cheap in HLO), never an embedded array.
+    """
+    if isinstance(x, ScaledArray):
+        dtype = compute_dtype(x.dtype) if dtype is None else dtype
+        ratio = ratio_of(x.scale, scale)
+        data = x.data
+        if is_static(ratio) and ratio == 1:
+            return _astype(data, dtype)
+        return _mul(data, ratio, dtype)
+    xdtype = np.asarray(x).dtype if is_static(x) else x.dtype
+    dtype = compute_dtype(xdtype) if dtype is None else dtype
+    c = static_uniform_value(x)
+    if c is not None:
+        v = c if is_scale_free(x) else xnp(scale).asarray(c, scale_dtype()) / scale
+        return _full(np.shape(x), v, dtype)
+    if is_static(scale) and scale == 1:
+        return _astype(x, dtype)
+    return _mul(x, 1 / scale, dtype)
+
+
+def ratio_of(a: Any, b: Any) -> Any:
+    """``a / b`` for scales: NumPy when both are static; 1 when they are the same value."""
+    if a is b:
+        return one()
+    return a / b
+
+
+def as_jax(x: Any) -> Any:
+    """A JAX value for ``x``; a static array with equal elements becomes a broadcast of
+    its scalar (one op in the program) rather than an embedded constant array."""
+    if isinstance(x, np.ndarray) and x.size > 1:
+        c = static_uniform_value(x)
+        if c is not None:
+            return jax.lax.broadcast(jnp.asarray(c), x.shape)
+    return jnp.asarray(x) if is_static(x) else x
+
+
+def _mul(data: Any, factor: Any, dtype: Any) -> Any:
+    cd = compute_dtype(np.dtype(dtype))
+    out = as_jax(data).astype(cd) * jnp.asarray(factor).astype(cd)
+    return out.astype(dtype)
+
+
+def _astype(x: Any, dtype: Any) -> Any:
+    return as_jax(x).astype(dtype)
+
+
+def _full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
+    return jax.lax.broadcast(jnp.asarray(value).astype(dtype), tuple(shape))
+
+
+def common_scale(*xs: Any) -> Any:
+    """The largest scale among operands (scale-free constants ignored; 1 if none)."""
+    scales = [s for s in (scale_of(x) for x in xs) if s is not None]
+    if not scales:
+        return one()
+    out = scales[0]
+    for s in scales[1:]:
+        out = xnp(out, s).maximum(out, s)
+    return out
+
+
+def hypot_scale(*scales: Any) -> Any:
+    """``pow2(sqrt(sum(s**2)))`` without overflow, ignoring None (scale-free) entries."""
+    scales = [s for s in scales if s is not None]
+    if not scales:
+        return one()
+    if len(scales) == 1:
+        return scales[0]
+    mod = xnp(*scales)
+    m = scales[0]
+    for s in scales[1:]:
+        m = mod.maximum(m, s)
+    total = sum((s / m) ** 2 for s in scales)
+    return pow2_round(m * mod.sqrt(total))
+
+
+def out_dtype(*xs: Any) -> np.dtype:
+    """Result dtype of operands the jaxpr already made consistent: the dtype of the first
+    non-static operand (literals may be weakly typed)."""
+    for x in xs:
+        if not is_static(x):
+            return np.dtype(x.dtype)
+    return np.asarray(xs[0]).dtype

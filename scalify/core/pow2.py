@@ -1,0 +1,127 @@
+"""Power-of-two helpers.
+
+Scales are powers of two so that rescaling data (multiplying by a ratio of scales) is
+exact. Every helper here works on NumPy values (folded at trace time: the result stays
+NumPy) and on JAX arrays or tracers (the result is a JAX array), so that scales known at
+trace time never reach the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalify.core.config import Pow2RoundMode, get_config
+
+
+def is_static(x: Any) -> bool:
+    """True for values known at trace time: NumPy arrays/scalars and Python numbers."""
+    return isinstance(x, (np.ndarray, np.generic, int, float, bool))
+
+
+def xnp(*xs: Any):
+    """`numpy` when every argument is static, else `jax.numpy`."""
+    return np if all(is_static(x) for x in xs) else jnp
+
+
+_INT_OF = {2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _exponent_mask(dtype: Any):
+    """Integer dtype of the same width and the mask of the exponent bits of ``dtype``."""
+    fi = jnp.finfo(dtype)
+    itype = _INT_OF[np.dtype(dtype).itemsize]
+    return itype, itype(((1 << fi.nexp) - 1) << fi.nmant)
+
+
+def _bits(x: Any, itype: Any) -> Any:
+    if is_static(x):
+        return np.asarray(x).view(itype)
+    return jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x), itype)
+
+
+def _from_bits(b: Any, dtype: Any) -> Any:
+    if is_static(b):
+        return np.asarray(b).view(dtype)
+    return jax.lax.bitcast_convert_type(b, dtype)
+
+
+def pow2_round_down(x: Any) -> Any:
+    """Largest power of two ``<= x`` for positive normal ``x`` (exact powers unchanged).
+
+    Computed by clearing the mantissa bits: three integer operations, exact. Zero,
+    subnormals, infinities and NaN pass through unchanged.
+    """
+    dtype = _dtype_of(x)
+    x = xnp(x).asarray(x, dtype)
+    itype, mask = _exponent_mask(dtype)
+    down = _from_bits(_bits(x, itype) & mask, dtype)
+    return xnp(x).where(_special(x) | (down == 0), x, down)
+
+
+def pow2_round_up(x: Any) -> Any:
+    """Smallest power of two ``>= x`` for positive normal ``x`` (exact powers unchanged)."""
+    down = pow2_round_down(x)
+    mod = xnp(down)
+    return mod.where((down == x) | _special(down), down, down * 2)
+
+
+def pow2_round_stochastic(x: Any) -> Any:
+    """`DOWN` or `UP` with probability ``(x - down) / down`` (unbiased in expectation).
+
+    The uniform draw is a hash of ``x``'s bits (an integer multiplicative hash), so
+    the result is a deterministic function of ``x``: no key to thread, same result
+    eagerly, under `jit` and when folded at trace time.
+    """
+    mod = xnp(x)
+    x32 = mod.asarray(x, dtype=np.float32)
+    down = pow2_round_down(x32)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/inf/NaN: masked below
+        p = x32 / down - 1.0  # in [0, 1)
+    bits = x32.view(np.uint32) if mod is np else jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    with np.errstate(over="ignore"):  # uint32 wrap-around is the hash
+        h = (bits * np.uint32(2654435761)) ^ (bits >> np.uint32(15))
+        h = h * np.uint32(2246822519)
+    u = (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    out = mod.where(u < p, down * 2, down).astype(_dtype_of(x))
+    return mod.where(_special(x), x, out)
+
+
+def pow2_round(x: Any, mode: Optional[Pow2RoundMode] = None) -> Any:
+    """Round positive scale(s) ``x`` to a power of two with ``mode`` (default: the active
+    `ScalifyConfig`'s rounding mode)."""
+    mode = get_config().rounding_mode if mode is None else Pow2RoundMode(mode)
+    if mode == Pow2RoundMode.NONE:
+        return x
+    if mode == Pow2RoundMode.DOWN:
+        return pow2_round_down(x)
+    if mode == Pow2RoundMode.UP:
+        return pow2_round_up(x)
+    return pow2_round_stochastic(x)
+
+
+def is_pow2(x: Any) -> Any:
+    """Elementwise: is ``x`` an exact positive (normal) power of two?"""
+    mod = xnp(x)
+    x = mod.asarray(x)
+    return (pow2_round_down(x) == x) & (x > 0) & mod.isfinite(x)
+
+
+def get_mantissa(x: Any) -> Any:
+    """``x / pow2_round_down(|x|)``: the mantissa in ``[1, 2)`` with the sign of ``x``."""
+    mod = xnp(x)
+    a = mod.abs(x)
+    return mod.where(_special(a), x, x / pow2_round_down(a))
+
+
+def _special(x: Any) -> Any:
+    mod = xnp(x)
+    return (mod.asarray(x) == 0) | ~mod.isfinite(x)
+
+
+def _dtype_of(x: Any) -> Any:
+    if isinstance(x, (int, bool, float)):
+        return np.dtype(np.float32)
+    return np.dtype(x.dtype)
