@@ -1,2 +1,9 @@
 """Scaled rules, one module per primitive family. Importing this package registers them."""
-from scalify.rules import elementwise  # noqa: F401
+from scalify.rules import (  # noqa: F401
+    control_flow,
+    elementwise,
+    indexing,
+    linalg,
+    reductions,
+    shape,
+)

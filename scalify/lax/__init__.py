@@ -1,0 +1,1 @@
+"""Scaling primitives a user can call: get_data_scale, set_scaling, stop_scaling, rebalance."""

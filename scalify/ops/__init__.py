@@ -1,0 +1,1 @@
+"""User-facing ops: casts, dynamic rescaling, debug."""

@@ -1,0 +1,1 @@
+"""Scaled rules of control_flow primitives."""

@@ -1,0 +1,1 @@
+"""Scaled rules of shape primitives."""

@@ -1,0 +1,1 @@
+"""ScaledArray-aware tree utilities."""

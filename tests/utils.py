@@ -1,0 +1,55 @@
+"""Shared test helpers: plain float32 JAX is the oracle."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+import scalify as sfy
+from scalify.core.pow2 import is_pow2
+
+# Relative tolerance of a result held in data of each dtype (a few ulps of the format,
+# since rules compute in float32 and round once).
+RTOL = {
+    np.dtype(np.float32): 1e-5,
+    np.dtype(np.float16): 4e-3,
+    np.dtype(jnp.bfloat16): 3e-2,
+    np.dtype(ml_dtypes.float8_e4m3fn): 1.5e-1,
+    np.dtype(ml_dtypes.float8_e5m2): 3e-1,
+}
+
+
+def rtol_of(dtype: Any) -> float:
+    return RTOL[np.dtype(dtype)]
+
+
+def scaled(values: Any, scale: float, dtype: Any = np.float16) -> sfy.ScaledArray:
+    """A ScaledArray holding ``values * scale`` with ``values`` as data in ``dtype``."""
+    return sfy.ScaledArray(jnp.asarray(values, dtype=dtype), jnp.asarray(scale, jnp.float32))
+
+
+def oracle(fn: Any, *args: Any) -> Any:
+    """``fn`` on the float32 values of ``args`` (ScaledArrays unscaled in float32)."""
+    return fn(*sfy.asarray(args, dtype=jnp.float32))
+
+
+def assert_close(out: Any, expected: Any, dtype: Any = np.float32, atol: float = 0.0) -> None:
+    """``out`` (ScaledArray or array) equals ``expected`` within the tolerance of ``dtype``."""
+    got = np.asarray(sfy.asarray(out, dtype=jnp.float32) if isinstance(out, sfy.ScaledArray) else out, np.float64)
+    want = np.asarray(expected, np.float64)
+    np.testing.assert_allclose(got, want, rtol=rtol_of(dtype), atol=atol)
+
+
+def assert_pow2_scales(tree: Any) -> None:
+    """Every ScaledArray in ``tree`` has an exact power-of-two scale."""
+    for leaf in jax.tree.leaves(tree, is_leaf=sfy.core.is_scaled_leaf):
+        if isinstance(leaf, sfy.ScaledArray):
+            assert bool(is_pow2(np.asarray(leaf.scale))), f"scale {leaf.scale} is not a power of two"
+
+
+def assert_finite(tree: Any) -> None:
+    for leaf in jax.tree.leaves(sfy.asarray(tree, dtype=jnp.float32)):
+        assert np.all(np.isfinite(np.asarray(leaf))), "non-finite values"
