@@ -15,6 +15,14 @@ import numpy as np
 from scalify.core.pow2 import is_static
 
 
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype scalify computes in for data of ``dtype``: float32, or ``dtype`` itself
+    when wider (float64). Float8 formats have no implicit promotion in JAX, hence no
+    `jnp.promote_types` here."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
+
+
 def is_float_dtype(dtype: Any) -> bool:
     """True for every floating dtype, float8 formats of ml_dtypes included."""
     try:
@@ -88,9 +96,9 @@ class ScaledArray:
         The product is computed in float32 (or wider) and rounded once to ``dtype``.
         """
         dtype = self.dtype if dtype is None else np.dtype(dtype)
-        cdtype = jnp.promote_types(jnp.promote_types(self.dtype, np.float32), dtype)
-        if not is_float_dtype(dtype):
-            cdtype = jnp.promote_types(self.dtype, np.float32)
+        cdtype = compute_dtype(self.dtype)
+        if is_float_dtype(dtype) and dtype.itemsize > cdtype.itemsize:
+            cdtype = dtype
         value = jnp.asarray(self.data).astype(cdtype) * jnp.asarray(self.scale).astype(cdtype)
         return value.astype(dtype)
 
@@ -172,7 +180,7 @@ def as_scaled_array(tree: Any, scale: Any = None) -> Any:
             x = jnp.asarray(x)
             if scale is None:
                 return ScaledArray(x, jnp.ones((), np.float32))
-            data = (x.astype(jnp.promote_types(x.dtype, np.float32)) / scale).astype(x.dtype)
+            data = (x.astype(compute_dtype(x.dtype)) / scale).astype(x.dtype)
             return ScaledArray(data, scale)
         return x
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scalify.core.config import get_config
-from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype  # noqa: F401
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
 
 
@@ -79,11 +79,6 @@ def promote(x: Any) -> ScaledArray:
     s = scale_of(x)
     s = one() if s is None else s
     return ScaledArray(in_scale(x, s, np.asarray(x).dtype if is_static(x) else x.dtype), s)
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The dtype rules compute in: float32, or the data dtype if wider."""
-    return jnp.promote_types(np.dtype(dtype), np.float32)
 
 
 def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:

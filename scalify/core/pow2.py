@@ -65,7 +65,8 @@ def pow2_round_up(x: Any) -> Any:
     """Smallest power of two ``>= x`` for positive normal ``x`` (exact powers unchanged)."""
     down = pow2_round_down(x)
     mod = xnp(down)
-    return mod.where((down == x) | _special(down), down, down * 2)
+    with np.errstate(over="ignore"):  # 2 * max finite -> inf, as for any value above it
+        return mod.where((down == x) | _special(down), down, down * 2)
 
 
 def pow2_round_stochastic(x: Any) -> Any:
@@ -81,11 +82,15 @@ def pow2_round_stochastic(x: Any) -> Any:
     with np.errstate(divide="ignore", invalid="ignore"):  # 0/inf/NaN: masked below
         p = x32 / down - 1.0  # in [0, 1)
     bits = x32.view(np.uint32) if mod is np else jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    with np.errstate(over="ignore"):  # uint32 wrap-around is the hash
-        h = (bits * np.uint32(2654435761)) ^ (bits >> np.uint32(15))
-        h = h * np.uint32(2246822519)
+    with np.errstate(over="ignore"):  # uint32 wrap-around: murmur3's 32-bit finaliser
+        h = bits ^ (bits >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        h = h ^ (h >> np.uint32(16))
     u = (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
-    out = mod.where(u < p, down * 2, down).astype(_dtype_of(x))
+    with np.errstate(over="ignore"):
+        out = mod.where(u < p, down * 2, down).astype(_dtype_of(x))
     return mod.where(_special(x), x, out)
 
 

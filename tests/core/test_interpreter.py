@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scalify as sfy
+from scalify.core import interpreter
+from tests.utils import assert_close, scaled
+
+
+def test_plain_inputs_stay_plain():
+    f = sfy.scalify(lambda a, b: a + b)
+    out = f(jnp.ones(3), jnp.ones(3))
+    assert not isinstance(out, sfy.ScaledArray)
+    np.testing.assert_array_equal(out, np.full(3, 2.0))
+
+
+def test_keyword_arguments_and_pytrees():
+    def f(x, *, bias, extra):
+        return {"y": x + bias, "e": extra["k"] - x}
+
+    x = scaled([1.0, 2.0], 2.0**-10)
+    out = sfy.scalify(f)(x, bias=scaled([1.0, 1.0], 2.0**-10), extra={"k": jnp.ones(2, jnp.float16)})
+    assert isinstance(out["y"], sfy.ScaledArray) and isinstance(out["e"], sfy.ScaledArray)
+    assert_close(out["y"], np.array([2.0, 3.0]) * 2.0**-10, np.float16)
+    assert_close(out["e"], 1 - np.array([1.0, 2.0]) * 2.0**-10, np.float16)
+
+
+def test_static_zeros_keep_the_operand_scale_eager_and_jit():
+    # zeros_like folds at trace time: adding it must not move a tiny scale towards 1.
+    def f(a):
+        return a + jnp.zeros_like(a)
+
+    x = scaled([1.0, -2.0], 2.0**-60)
+    for fn in (sfy.scalify(f), jax.jit(sfy.scalify(f))):
+        out = fn(x)
+        assert float(out.scale) == 2.0**-60
+        np.testing.assert_array_equal(out.data, x.data)
+
+
+def test_constant_scalar_pow2_part_goes_to_the_scale():
+    x = scaled([1.0, 1.5], 2.0**-30)
+    out = jax.jit(sfy.scalify(lambda a: a + 1024.0))(x)
+    assert_close(out, np.array([1.0, 1.5]) * 2.0**-30 + 1024.0, np.float16)
+    assert float(out.scale) == 1024.0
+
+
+def test_unsupported_primitive_error_names_primitive_shapes_and_line():
+    x = scaled(np.ones((2, 3)), 1.0)
+    prim = jax.extend.core.Primitive("my_custom_op")
+    prim.def_abstract_eval(lambda a: a)
+
+    def f(a):
+        return prim.bind(a)
+
+    with pytest.raises(sfy.UnsupportedPrimitiveError) as info:
+        sfy.scalify(f)(x)
+    msg = str(info.value)
+    assert "my_custom_op" in msg and "float16[2, 3]" in msg and "test_interpreter.py" in msg
+
+
+def test_bad_leaves_are_rejected_at_the_boundary():
+    with pytest.raises(TypeError, match="argument leaf"):
+        sfy.scalify(lambda a, s: a)(jnp.ones(2), "not an array")
+    bad = jax.tree.unflatten(jax.tree.structure(scaled([1.0], 1.0)), [jnp.ones(1, jnp.float16), jnp.ones(2)])
+    with pytest.raises(TypeError, match="scalar"):
+        sfy.scalify(lambda a: a)(bad)
+    bad = jax.tree.unflatten(jax.tree.structure(scaled([1.0], 1.0)), [jnp.ones(1, jnp.float16), jnp.float32(0)])
+    with pytest.raises(ValueError, match="positive"):
+        sfy.scalify(lambda a: a)(bad)
+
+
+def test_trace_time_folding_of_static_equations():
+    jaxpr = jax.make_jaxpr(lambda a: a + jnp.full((4,), 2.0) * 3.0)(jnp.ones(4))
+    env_out = interpreter.eval_closed_jaxpr(
+        jax.make_jaxpr(lambda: jnp.full((4,), 2.0) * 3.0)()
+    )
+    assert isinstance(env_out[0], np.ndarray)  # folded, not a device computation
+    np.testing.assert_array_equal(env_out[0], np.full(4, 6.0))
+    out = interpreter.eval_closed_jaxpr(jaxpr, scaled(np.ones(4), 1.0, np.float32))[0]
+    assert_close(out, np.full(4, 7.0))

@@ -1,0 +1,86 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scalify as sfy
+from scalify.core import pow2
+
+MODES = [sfy.Pow2RoundMode.DOWN, sfy.Pow2RoundMode.UP, sfy.Pow2RoundMode.STOCHASTIC]
+DTYPES = [np.float32, np.float16, jnp.bfloat16]
+
+
+def _values(dtype):
+    fi = jnp.finfo(dtype)
+    rng = np.random.default_rng(0)
+    v = np.exp2(rng.uniform(np.log2(float(fi.tiny)) + 1, np.log2(float(fi.max)) - 1, 200))
+    return np.asarray(v, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [True, False])
+def test_round_down_up_bracket_value(dtype, static):
+    x = _values(dtype)
+    xin = x if static else jnp.asarray(x)
+    down = np.asarray(pow2.pow2_round_down(xin)).astype(np.float64)
+    up = np.asarray(pow2.pow2_round_up(xin)).astype(np.float64)
+    xf = x.astype(np.float64)
+    assert np.all(down <= xf) and np.all(xf < 2 * down)
+    assert np.all(up >= xf) and np.all(xf > up / 2)
+    for arr in (down, up):
+        m, _ = np.frexp(arr)
+        np.testing.assert_array_equal(m, 0.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [True, False])
+def test_exact_powers_unchanged(mode, dtype, static):
+    fi = jnp.finfo(dtype)
+    e = np.arange(int(np.log2(float(fi.tiny))), int(np.log2(float(fi.max))) + 1)
+    x = np.exp2(e.astype(np.float64)).astype(dtype)
+    xin = x if static else jnp.asarray(x)
+    np.testing.assert_array_equal(np.asarray(pow2.pow2_round(xin, mode)), x)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_static_stays_numpy_and_matches_jax(static):
+    x = _values(np.float32)
+    out_np = pow2.pow2_round_stochastic(x)
+    assert isinstance(out_np, np.ndarray)
+    out_jax = pow2.pow2_round_stochastic(jnp.asarray(x))
+    out_jit = jax.jit(pow2.pow2_round_stochastic)(jnp.asarray(x))
+    np.testing.assert_array_equal(out_np, np.asarray(out_jax))
+    np.testing.assert_array_equal(out_np, np.asarray(out_jit))
+
+
+def test_stochastic_rounding_is_unbiased_on_average():
+    rng = np.random.default_rng(1)
+    # Values 1.25 * 2^k with varied bits: expectation of the rounding is the value itself.
+    x = (1.25 + rng.uniform(-1e-3, 1e-3, 20000)).astype(np.float32)
+    r = pow2.pow2_round_stochastic(x)
+    assert set(np.unique(r)) == {1.0, 2.0}
+    assert abs(r.mean() - x.mean()) < 0.02
+    assert 0.2 < np.mean(r == 2.0) < 0.3
+
+
+def test_special_values_pass_through():
+    x = np.array([0.0, np.inf, np.nan], np.float32)
+    for fn in (pow2.pow2_round_down, pow2.pow2_round_up, pow2.pow2_round_stochastic):
+        out = np.asarray(fn(jnp.asarray(x)))
+        assert out[0] == 0 and out[1] == np.inf and np.isnan(out[2])
+
+
+def test_none_mode_is_identity_and_config_default():
+    x = np.float32(3.0)
+    assert pow2.pow2_round(x, sfy.Pow2RoundMode.NONE) == 3.0
+    assert pow2.pow2_round(x) == 2.0  # default DOWN
+    with sfy.ScalifyConfig(rounding_mode=sfy.Pow2RoundMode.UP):
+        assert pow2.pow2_round(x) == 4.0
+    assert pow2.pow2_round(x) == 2.0
+
+
+def test_mantissa_and_is_pow2():
+    x = np.array([3.0, -6.0, 0.75, 1.0], np.float32)
+    np.testing.assert_array_equal(pow2.get_mantissa(x), [1.5, -1.5, 1.5, 1.0])
+    np.testing.assert_array_equal(np.asarray(pow2.is_pow2(jnp.asarray(x))), [False, False, False, True])
