@@ -144,24 +144,22 @@ def _abstract(x: Any) -> Any:
     return x
 
 
-def _check_leaf(x: Any) -> None:
-    if isinstance(x, ScaledArray):
-        s = x.scale
-        if np.shape(s) != ():
-            raise TypeError(f"scalify: ScaledArray scale must be a scalar, got shape {np.shape(s)}.")
-        if isinstance(s, (np.ndarray, np.generic)) or (
-            isinstance(s, jax.Array) and not _jax_compat.is_tracer(s)
-        ):
-            v = np.asarray(s)
-            if not (np.isfinite(v) and v > 0):
-                raise ValueError(f"scalify: ScaledArray scale must be positive and finite, got {v}.")
-        return
-    if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)):
-        return
-    raise TypeError(
-        f"scalify: every argument leaf must be an array, a ScaledArray or a number, got "
-        f"{type(x).__name__}. Pass static values with functools.partial."
-    )
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+
+
+def _check_scaled_leaf(x: ScaledArray) -> None:
+    s = x.scale
+    if np.shape(s) != () or not hasattr(s, "dtype"):
+        raise TypeError(f"scalify: ScaledArray scale must be a scalar array, got {s!r}.")
+    if not hasattr(x.data, "dtype") or not jnp.issubdtype(x.data.dtype, jnp.floating):
+        raise TypeError(f"scalify: ScaledArray data must be a floating array, got {x.data!r}.")
+    if isinstance(s, (np.ndarray, np.generic)) or (
+        isinstance(s, jax.Array) and not _jax_compat.is_tracer(s)
+    ):
+        v = np.asarray(s)
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"scalify: ScaledArray scale must be positive and finite, got {v}.")
 
 
 def _finalise(x: Any) -> Any:
@@ -187,17 +185,31 @@ def scalify(fun: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_scaled_leaf)
         for leaf in leaves:
-            _check_leaf(leaf)
+            if isinstance(leaf, ScaledArray):
+                _check_scaled_leaf(leaf)
+        # Array leaves are traced; other leaves (functions, strings, module config of
+        # Equinox models...) are static, closed over like `eqx.filter_jit` does.
+        is_dynamic = [_is_array_leaf(x) for x in leaves]
+        dynamic = [x for x, d in zip(leaves, is_dynamic) if d]
+
+        out_info: dict = {}
 
         def flat_fun(*flat: Any) -> Any:
-            a, k = jax.tree.unflatten(treedef, flat)
-            return fun(*a, **k)
+            it = iter(flat)
+            full = [next(it) if d else x for x, d in zip(leaves, is_dynamic)]
+            a, k = jax.tree.unflatten(treedef, full)
+            out_leaves, out_info["tree"] = jax.tree.flatten(fun(*a, **k))
+            # Non-array outputs (e.g. an Equinox model's functions) are returned as they are.
+            out_info["dynamic"] = [_is_array_leaf(x) for x in out_leaves]
+            out_info["static"] = [None if d else x for x, d in zip(out_leaves, out_info["dynamic"])]
+            return [x for x, d in zip(out_leaves, out_info["dynamic"]) if d]
 
-        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
-            *[_abstract(x) for x in leaves]
-        )
-        outs = eval_closed_jaxpr(closed, *leaves)
-        out_tree = jax.tree.structure(out_shape)
-        return jax.tree.unflatten(out_tree, [_finalise(o) for o in outs])
+        closed = jax.make_jaxpr(flat_fun)(*[_abstract(x) for x in dynamic])
+        outs = iter(eval_closed_jaxpr(closed, *dynamic))
+        out_leaves = [
+            _finalise(next(outs)) if d else x
+            for x, d in zip(out_info["static"], out_info["dynamic"])
+        ]
+        return jax.tree.unflatten(out_info["tree"], out_leaves)
 
     return wrapped
