@@ -1,1 +1,224 @@
-"""Scaled rules of shape primitives."""
+"""Scaled rules of data-movement primitives.
+
+Moving, copying, reshaping or repeating elements does not change their magnitude, so
+these rules apply the primitive to ``data`` with the equation's own parameters and keep
+the ``scale``: the result is bit-exact. Primitives that gather several arrays into one
+(``concatenate``, ``stack``, ``pad`` with a scaled padding value) first express every
+operand in one common scale, the largest, so that no operand overflows the data format
+(a much smaller operand may lose low bits or underflow instead: the larger values
+dominate the result's precision anyway).
+
+``iota`` creates integers and never meets a ScaledArray: it needs no rule.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import jax
+from jax import lax
+
+from scalify.core.datatype import ScaledArray
+from scalify.core.operands import as_jax, common_scale, in_scale, out_dtype
+from scalify.core.pow2 import is_static
+from scalify.core.registry import register_scaled_op
+
+# --- one operand, same scale --------------------------------------------------------
+
+
+def _keep_scale(prim: Any, x: ScaledArray, rest: Any, params: Any) -> ScaledArray:
+    """``prim`` applied to ``x.data`` (extra operands, e.g. dynamic shapes, passed on)."""
+    return ScaledArray(prim.bind(as_jax(x.data), *rest, **params), x.scale)
+
+
+@register_scaled_op(lax.reshape_p)
+def reshape(x: ScaledArray, *rest: Any, **params: Any) -> ScaledArray:
+    """Reshape the data, keep the scale: the elements, hence their magnitude, are unchanged."""
+    return _keep_scale(lax.reshape_p, x, rest, params)
+
+
+@register_scaled_op(lax.broadcast_in_dim_p)
+def broadcast_in_dim(x: ScaledArray, *rest: Any, **params: Any) -> ScaledArray:
+    """Broadcast the data, keep the scale: repeated elements have the same magnitude.
+
+    This is also how ``jnp.expand_dims`` and ``x[None]`` reach the jaxpr (there is no
+    ``expand_dims`` primitive)."""
+    return _keep_scale(lax.broadcast_in_dim_p, x, rest, params)
+
+
+@register_scaled_op(lax.transpose_p)
+def transpose(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Permute the data's axes, keep the scale."""
+    return _keep_scale(lax.transpose_p, x, (), params)
+
+
+@register_scaled_op(lax.squeeze_p)
+def squeeze(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Drop unit axes of the data, keep the scale."""
+    return _keep_scale(lax.squeeze_p, x, (), params)
+
+
+@register_scaled_op(lax.slice_p)
+def slice(x: ScaledArray, **params: Any) -> ScaledArray:  # noqa: A001 - primitive's name
+    """Slice the data (starts, limits, strides from the equation), keep the scale.
+
+    The scale is not re-fitted to the slice: a slice of unit-variance data is itself
+    near unit variance, and re-fitting would cost a reduction on device."""
+    return _keep_scale(lax.slice_p, x, (), params)
+
+
+@register_scaled_op(lax.rev_p)
+def rev(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Reverse the data along the equation's dimensions, keep the scale."""
+    return _keep_scale(lax.rev_p, x, (), params)
+
+
+@register_scaled_op(lax.copy_p)
+def copy(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Copy the data (``jnp.copy``, ``jnp.array(x, copy=True)``), keep the scale."""
+    return _keep_scale(lax.copy_p, x, (), params)
+
+
+@register_scaled_op(lax.tile_p)
+def tile(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Tile the data (``jnp.tile``), keep the scale: the elements are repeated as they are."""
+    return _keep_scale(lax.tile_p, x, (), params)
+
+
+@register_scaled_op(lax.sharding_constraint_p)
+def sharding_constraint(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Constrain the data's sharding, keep the scale.
+
+    The scale is a scalar: the compiler replicates it on every device, so it needs no
+    constraint (and a spec naming mesh axes would not even fit its rank)."""
+    return _keep_scale(lax.sharding_constraint_p, x, (), params)
+
+
+@register_scaled_op(lax.split_p)
+def split(x: ScaledArray, **params: Any) -> List[ScaledArray]:
+    """Split the data into pieces (``jnp.split``), each keeping the scale."""
+    return [ScaledArray(d, x.scale) for d in lax.split_p.bind(as_jax(x.data), **params)]
+
+
+@register_scaled_op(lax.unstack_p)
+def unstack(x: ScaledArray, **params: Any) -> List[ScaledArray]:
+    """Unstack the data along an axis, each piece keeping the scale."""
+    return [ScaledArray(d, x.scale) for d in lax.unstack_p.bind(as_jax(x.data), **params)]
+
+
+# --- several operands, one common scale ---------------------------------------------
+
+
+def _aligned(xs: Any) -> Any:
+    """The largest scale among ``xs`` and every operand's data expressed in it.
+
+    Scale-free static operands (0, +-inf, NaN) take no part in choosing the scale and
+    adopt it; plain traced operands count with scale 1; static constants with the power
+    of two of their magnitude. Ratios of power-of-two scales are powers of two, so the
+    rescaling is exact unless a value underflows the data format."""
+    dtype = out_dtype(*xs)
+    s = common_scale(*xs)
+    return s, [in_scale(x, s, dtype) for x in xs]
+
+
+@register_scaled_op(lax.concatenate_p)
+def concatenate(*xs: Any, **params: Any) -> ScaledArray:
+    """Concatenate at the largest operand scale.
+
+    All operands are re-expressed in the largest scale (plain and static operands mix
+    in; a static ``0``/``-inf`` block adopts it) so that none overflows; operands
+    already at that scale are not touched. Equal scales make the result bit-exact."""
+    s, datas = _aligned(xs)
+    return ScaledArray(lax.concatenate_p.bind(*datas, **params), s)
+
+
+@register_scaled_op(lax.stack_p)
+def stack(*xs: Any, **params: Any) -> ScaledArray:
+    """Stack along a new axis (``jnp.stack``) at the largest operand scale, as
+    `concatenate` does."""
+    s, datas = _aligned(xs)
+    return ScaledArray(lax.stack_p.bind(*datas, **params), s)
+
+
+@register_scaled_op(lax.pad_p)
+def pad(x: Any, padding_value: Any, **params: Any) -> ScaledArray:
+    """Pad the data, keeping the operand's scale unless the padding value is scaled.
+
+    - scale-free static padding (``0``, ``-inf``): used as it is, in the operand's scale;
+    - a static non-zero or traced plain padding value: expressed in the operand's
+      scale (``value / scale``), so the operand's data is untouched; a padding value far
+      from the operand's magnitude may then round, underflow or overflow in the data
+      format, as any other element of that magnitude would;
+    - a scaled padding value (or a plain operand padded with a scaled value): both are
+      aligned to the larger of the two scales, as in `concatenate`.
+    """
+    if isinstance(padding_value, ScaledArray):
+        s, (d, v) = _aligned((x, padding_value))
+    else:
+        dtype = x.dtype
+        s, d = x.scale, as_jax(x.data)
+        v = in_scale(padding_value, s, dtype)
+    return ScaledArray(lax.pad_p.bind(d, v, **params), s)
+
+
+# --- placement ----------------------------------------------------------------------
+
+
+def _scalar_target(target: Any) -> Any:
+    """Where a scalar scale goes when its data goes to ``target``.
+
+    Devices, memory spaces and ``None`` fit any shape and are reused; a `NamedSharding`
+    becomes the replicated sharding of the same mesh (a scalar has no axis to shard);
+    for any other sharding there is no general scalar counterpart: the scale stays
+    where it is (returned as ``False``)."""
+    if isinstance(target, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(
+            target.mesh, jax.sharding.PartitionSpec(), memory_kind=target.memory_kind
+        )
+    if isinstance(target, jax.sharding.SingleDeviceSharding):
+        return target
+    if isinstance(target, jax.sharding.Sharding):
+        return False
+    return target
+
+
+@register_scaled_op(lax.device_put_p)
+def device_put(*xs: Any, devices: Any, srcs: Any, copy_semantics: Any, **params: Any) -> List[Any]:
+    """Put each data on its target device/sharding and its scale alongside it.
+
+    ``jax.device_put`` takes several arrays at once: each ScaledArray contributes its
+    data (with the target as given) and its scale (replicated on the same devices, see
+    `_scalar_target`), so that eager code does not mix arrays on different devices.
+    Static scales are left static: they are placed wherever the program needs them."""
+    flat: List[Any] = []
+    devs: List[Any] = []
+    srcs_out: List[Any] = []
+    sems: List[Any] = []
+    layout: List[Any] = []  # per input: None (plain), or (moves_scale,)
+    for x, dev, src, sem in zip(xs, devices, srcs, copy_semantics):
+        if isinstance(x, ScaledArray):
+            flat.append(as_jax(x.data))
+            devs.append(dev), srcs_out.append(src), sems.append(sem)
+            sdev, ssrc = _scalar_target(dev), _scalar_target(src)
+            moves = not is_static(x.scale) and sdev is not False
+            if moves:
+                flat.append(x.scale)
+                devs.append(sdev), srcs_out.append(None if ssrc is False else ssrc)
+                sems.append(sem)
+            layout.append((moves,))
+        else:
+            flat.append(as_jax(x))
+            devs.append(dev), srcs_out.append(src), sems.append(sem)
+            layout.append(None)
+    outs = iter(
+        lax.device_put_p.bind(
+            *flat, devices=tuple(devs), srcs=tuple(srcs_out), copy_semantics=tuple(sems), **params
+        )
+    )
+    results: List[Any] = []
+    for x, kind in zip(xs, layout):
+        if kind is None:
+            results.append(next(outs))
+        else:
+            data = next(outs)
+            results.append(ScaledArray(data, next(outs) if kind[0] else x.scale))
+    return results

@@ -1,0 +1,197 @@
+"""Reduction rules: reduce_sum moves pow2(sqrt(N)) into the scale, max/min keep it,
+prod raises it to the N-th power, argmax/argmin return plain integers."""
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+
+import scalify as sfy
+from scalify.core import get_scaled_rule
+from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
+
+DTYPES = [np.float32, np.float16, jnp.bfloat16]
+RNG = np.random.default_rng(1)
+X = RNG.standard_normal((4, 5, 6)).astype(np.float32)
+
+
+def requires(*prims):
+    """Skip a test whose function also needs rules of other families not yet registered."""
+    missing = [p.name for p in prims if get_scaled_rule(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
+
+
+def both(f):
+    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
+
+
+def pow2_sqrt_down(n):
+    return 2.0 ** np.floor(np.log2(np.sqrt(n))) if n > 1 else 1.0
+
+
+def values64(out):
+    return np.asarray(out.data, np.float64) * float(out.scale)
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 2), (0, 1, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_sum_values_and_scale(axes, dtype):
+    f = lambda x: lax.reduce_sum(x, axes)  # noqa: E731
+    x = scaled(X, 2.0**-7, dtype)
+    n = int(np.prod([X.shape[a] for a in axes]))
+    for fn in both(f):
+        out = fn(x)
+        assert out.dtype == np.dtype(dtype)
+        assert float(out.scale) == 2.0**-7 * pow2_sqrt_down(n)
+        assert_pow2_scales(out)
+        # the f32 sum is rounded once to the data dtype
+        assert_close(out, oracle(f, x), dtype, atol=float(out.scale) * 2.0**-14)
+
+
+def test_reduce_sum_unit_axis_and_no_axis_keep_the_scale():
+    x = scaled(X[:1], 2.0**-7)
+    out = sfy.scalify(lambda x: lax.reduce_sum(x, (0,)))(x)
+    assert float(out.scale) == 2.0**-7
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(x.data[0]))
+    out = sfy.scalify(lambda x: lax.reduce_sum(x, ()))(x)
+    assert float(out.scale) == 2.0**-7 and out.shape == x.shape
+
+
+def test_reduce_sum_keeps_unit_variance():
+    x = scaled(RNG.standard_normal((256, 64)), 1.0)
+    out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
+    assert float(out.scale) == 16.0
+    assert 0.5 <= float(np.std(np.asarray(out.data, np.float32))) <= 2.0
+
+
+@pytest.mark.parametrize("scale", [2.0**-60, 2.0**60])
+def test_reduce_sum_range(scale):
+    f = lambda x: lax.reduce_sum(x, (0, 2))  # noqa: E731
+    x = scaled(X, scale, np.float16)
+    out = jax.jit(sfy.scalify(f))(x)
+    assert_finite(out)
+    want = np.sum(np.asarray(x.data, np.float64), (0, 2)) * scale
+    np.testing.assert_allclose(values64(out), want, rtol=rtol_of(np.float16), atol=float(out.scale) * 2.0**-14)
+
+
+def test_reduce_sum_rounding_mode_up():
+    x = scaled(X, 1.0)
+    with sfy.ScalifyConfig(rounding_mode=sfy.Pow2RoundMode.UP):
+        out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (1,))))(x)
+    assert float(out.scale) == 4.0  # pow2 up of sqrt(5)
+    assert_close(out, X.sum(1), np.float16, atol=4 * 2.0**-14)
+
+
+def test_jnp_sum_keepdims_float32_data():
+    x = scaled(X, 2.0**50, np.float32)
+    for f in (lambda x: jnp.sum(x, axis=(0, 2), keepdims=True), lambda x: x.sum(axis=-1, keepdims=True)):
+        for fn in both(f):
+            out = fn(x)
+            assert out.shape == f(X).shape
+            assert_close(out, oracle(f, x), np.float32, atol=float(out.scale) * 1e-6)
+
+
+@requires(lax.convert_element_type_p)
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+def test_jnp_sum_narrow_data(dtype):
+    x = scaled(X, 2.0**-50, dtype)
+    f = lambda x: jnp.sum(x, axis=(1, 2), keepdims=True)  # noqa: E731
+    out = jax.jit(sfy.scalify(f))(x)
+    assert out.dtype == np.dtype(dtype) and out.shape == (4, 1, 1)
+    assert_close(out, oracle(f, x), dtype)
+
+
+@requires(lax.div_p)
+def test_jnp_mean_float32_data():
+    x = scaled(X, 2.0**-50, np.float32)
+    for f in (lambda x: jnp.mean(x, axis=(0, 1)), lambda x: jnp.mean(x, axis=1, keepdims=True)):
+        out = jax.jit(sfy.scalify(f))(x)
+        assert_close(out, oracle(f, x), np.float32, atol=2.0**-50 * 1e-6)
+
+
+@pytest.mark.parametrize("prim", ["max", "min"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_max_min_exact_same_scale(prim, dtype):
+    jfn = {"max": jnp.max, "min": jnp.min}[prim]
+    fs = [lambda x: jfn(x, axis=(0, 2)), lambda x: jfn(x, axis=1, keepdims=True), lambda x: jfn(x)]
+    x = scaled(X, 2.0**60, dtype)
+    for f in fs:
+        for fn in both(f):
+            out = fn(x)
+            assert float(out.scale) == 2.0**60 and out.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(np.asarray(out.data, np.float32), np.asarray(f(x.data), np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_prod_values_and_scale(dtype):
+    f = lambda x: lax.reduce_prod(x, (1,))  # noqa: E731
+    data = 1 + 0.25 * X  # product of 5 values near 1: stays in range
+    x = scaled(data, 2.0**-4, dtype)
+    for fn in both(f):
+        out = fn(x)
+        assert float(out.scale) == 2.0**-20  # (2^-4)^5
+        want = np.prod(np.asarray(x.data, np.float64), 1) * 2.0**-20
+        np.testing.assert_allclose(values64(out), want, rtol=rtol_of(dtype), atol=2.0**-20 * 2.0**-14)
+
+
+@pytest.mark.parametrize("op", ["argmax", "argmin"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_argmin_are_plain(op, dtype):
+    jfn = {"argmax": jnp.argmax, "argmin": jnp.argmin}[op]
+    x = scaled(X, 2.0**-60, dtype)
+    for f in (lambda x: jfn(x, axis=1), lambda x: jfn(x, axis=-1, keepdims=True), lambda x: jfn(x)):
+        for fn in both(f):
+            out = fn(x)
+            assert not isinstance(out, sfy.ScaledArray)
+            assert jnp.issubdtype(out.dtype, jnp.integer)
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(f(x.data)))
+
+
+# --- property test -----------------------------------------------------------------
+
+PROP_DTYPES = [np.float32, np.float16, jnp.bfloat16]
+
+
+@st.composite
+def reduce_cases(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6))
+    axes = draw(st.lists(st.integers(0, len(shape) - 1), unique=True, min_size=1, max_size=len(shape)))
+    dtype = draw(st.sampled_from(PROP_DTYPES))
+    exponent = draw(st.integers(-60, 60))
+    seed = draw(st.integers(0, 2**16))
+    return shape, tuple(sorted(axes)), dtype, exponent, seed
+
+
+@given(reduce_cases())
+def test_property_reduce_sum(case):
+    shape, axes, dtype, exponent, seed = case
+    data = np.random.default_rng(seed).standard_normal(shape)
+    x = scaled(data, 2.0**exponent, dtype)
+    out = sfy.scalify(lambda x: lax.reduce_sum(x, axes))(x)
+    n = int(np.prod([shape[a] for a in axes]))
+    assert float(out.scale) == 2.0**exponent * pow2_sqrt_down(n)
+    assert out.dtype == np.dtype(dtype)
+    want = np.sum(np.asarray(x.data, np.float64), axes) * 2.0**exponent
+    np.testing.assert_allclose(values64(out), want, rtol=rtol_of(dtype), atol=float(out.scale) * 2.0**-13)
+
+
+@given(reduce_cases())
+def test_property_reduce_max(case):
+    shape, axes, dtype, exponent, seed = case
+    data = np.random.default_rng(seed).standard_normal(shape)
+    x = scaled(data, 2.0**exponent, dtype)
+    out = sfy.scalify(lambda x: lax.reduce_max(x, axes))(x)
+    assert float(out.scale) == 2.0**exponent
+    np.testing.assert_array_equal(values64(out), np.max(np.asarray(x.data, np.float64), axes) * 2.0**exponent)
+
+
+def test_float8_reduce_sum_saturates_instead_of_nan():
+    # 64 equal terms of 200 sum to 12800; /8 gives 1600 > 448 = max of E4M3FN.
+    x = scaled(np.full((64,), 200.0), 1.0, ml_dtypes.float8_e4m3fn)
+    out = sfy.scalify(lambda x: lax.reduce_sum(x, (0,)))(x)
+    assert float(out.scale) == 8.0
+    assert float(np.asarray(out.data, np.float32)) == 448.0
