@@ -2,9 +2,10 @@
 
 The interpreter knows no primitive by name. For each equation it:
 
-1. calls the primitive's registered scaled rule when any operand is a ScaledArray
-   (and raises `UnsupportedPrimitiveError` naming the primitive, the operands and the
-   user's source line when there is none);
+1. calls the primitive's registered scaled rule when any operand is a ScaledArray, or
+   when the primitive, or one inside its sub-jaxprs (control flow), is registered
+   ``always_scaled`` (and raises `UnsupportedPrimitiveError` naming the primitive, the
+   operands and the user's source line when there is none);
 2. folds the equation at trace time when every operand is static (NumPy literals and
    constants, or earlier folds), so that ``zeros_like``, ``full(-inf)`` masks and
    constant scalars keep their values for the rules that meet them later;
@@ -13,6 +14,7 @@ The interpreter knows no primitive by name. For each equation it:
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, List, Sequence
 
 import jax
@@ -24,7 +26,7 @@ from scalify import _jax_compat
 from scalify.core.datatype import ScaledArray, is_scaled_leaf
 from scalify.core.operands import as_jax
 from scalify.core.pow2 import is_static
-from scalify.core.registry import UnsupportedPrimitiveError, get_scaled_rule
+from scalify.core.registry import UnsupportedPrimitiveError, get_scaled_rule, is_always_scaled
 
 # Folding materialises an equation's result on the host at trace time: above this many
 # elements it is skipped (the equation is bound as usual) unless its operands are all
@@ -84,9 +86,43 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _sub_jaxprs(params: Any) -> Any:
+    for v in params.values():
+        for j in v if isinstance(v, (tuple, list)) else (v,):
+            if isinstance(j, ClosedJaxpr):
+                yield j.jaxpr
+            elif isinstance(j, Jaxpr):
+                yield j
+
+
+_SCALES_INSIDE: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
+
+
+def _scales_inside(jaxpr: Jaxpr) -> bool:
+    """True when ``jaxpr`` (or a sub-jaxpr, at any depth) holds an always-scaled
+    primitive: then an equation holding it needs its rule even on plain operands."""
+    known = _SCALES_INSIDE.get(jaxpr)
+    if known is None:
+        known = any(
+            is_always_scaled(e.primitive) or any(_scales_inside(j) for j in _sub_jaxprs(e.params))
+            for e in jaxpr.eqns
+        )
+        _SCALES_INSIDE[jaxpr] = known
+    return known
+
+
+def _needs_rule(eqn: Any, invals: Sequence[Any]) -> bool:
+    return (
+        any(isinstance(x, ScaledArray) for x in invals)
+        or is_always_scaled(eqn.primitive)
+        or (get_scaled_rule(eqn.primitive) is not None
+            and any(_scales_inside(j) for j in _sub_jaxprs(eqn.params)))
+    )
+
+
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
-    if any(isinstance(x, ScaledArray) for x in invals):
+    if _needs_rule(eqn, invals):
         rule = get_scaled_rule(eqn.primitive)
         if rule is None:
             raise _unsupported(eqn, invals)
@@ -105,6 +141,26 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
             outs = _bind(eqn, invals)
         return [_to_static(o) for o in outs]
     return _bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
+
+
+# Callables ``observer(eqn, invals, outvals)`` run after every interpreted equation at
+# trace time (telemetry uses this to tap scales and statistics); see `observe`.
+_OBSERVERS: List[Callable[[Any, Sequence[Any], Sequence[Any]], None]] = []
+
+
+class observe:
+    """Context manager: call ``observer(eqn, invals, outvals)`` after each equation that
+    scalify interprets (sub-jaxprs of control flow included) while tracing."""
+
+    def __init__(self, observer: Callable[[Any, Sequence[Any], Sequence[Any]], None]):
+        self.observer = observer
+
+    def __enter__(self) -> "observe":
+        _OBSERVERS.append(self.observer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _OBSERVERS.remove(self.observer)
 
 
 def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
@@ -127,7 +183,10 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     for v, a in zip(jaxpr.invars, args):
         write(v, a)
     for eqn in jaxpr.eqns:
-        outs = eval_equation(eqn, [read(v) for v in eqn.invars])
+        invals = [read(v) for v in eqn.invars]
+        outs = eval_equation(eqn, invals)
+        for obs in _OBSERVERS:
+            obs(eqn, invals, outs)
         for v, o in zip(eqn.outvars, outs):
             write(v, o)
     return [read(v) for v in jaxpr.outvars]

@@ -14,17 +14,25 @@ from typing import Any, Callable, Dict, Optional
 from jax.extend.core import Primitive
 
 _RULES: Dict[Primitive, Callable[..., Any]] = {}
+# Primitives whose rule runs even when no operand is a ScaledArray (e.g. `set_scaling`,
+# which turns a plain array into a ScaledArray inside scalify).
+_ALWAYS_SCALED: set = set()
 
 
 class UnsupportedPrimitiveError(NotImplementedError):
     """A primitive without a scaled rule received a ScaledArray."""
 
 
-def register_scaled_op(*prims: Primitive) -> Callable[[Callable], Callable]:
+def register_scaled_op(
+    *prims: Primitive, always_scaled: bool = False
+) -> Callable[[Callable], Callable]:
     """Decorator registering ``rule`` as the scaled rule of each primitive in ``prims``::
 
         @register_scaled_op(lax.add_p)
         def add(x, y, **params): ...
+
+    With ``always_scaled=True`` the interpreter calls the rule even when every operand
+    is plain (the rule then decides whether its output is a ScaledArray).
     """
     for p in prims:
         if not isinstance(p, Primitive):
@@ -33,6 +41,10 @@ def register_scaled_op(*prims: Primitive) -> Callable[[Callable], Callable]:
     def decorator(rule: Callable) -> Callable:
         for p in prims:
             _RULES[p] = rule
+            if always_scaled:
+                _ALWAYS_SCALED.add(p)
+            else:
+                _ALWAYS_SCALED.discard(p)
         return rule
 
     return decorator
@@ -41,6 +53,11 @@ def register_scaled_op(*prims: Primitive) -> Callable[[Callable], Callable]:
 def get_scaled_rule(prim: Primitive) -> Optional[Callable[..., Any]]:
     """The registered rule of ``prim``, or None."""
     return _RULES.get(prim)
+
+
+def is_always_scaled(prim: Primitive) -> bool:
+    """True when ``prim``'s rule runs even on plain operands (``always_scaled=True``)."""
+    return prim in _ALWAYS_SCALED
 
 
 def registered_primitives() -> Dict[Primitive, Callable[..., Any]]:
