@@ -161,27 +161,46 @@ def scaled_array(values: Any, scale: Any, dtype: Any = None) -> ScaledArray:
     return ScaledArray(data, scale)
 
 
-def as_scaled_array(tree: Any, scale: Any = None) -> Any:
+def unit_scale(x: Any) -> jax.Array:
+    """The power of two nearest below the root-mean-square of ``x`` (1 when ``x`` is all
+    zeros or not finite): the scale that leaves ``x / scale`` near unit variance."""
+    from scalify.core.pow2 import pow2_round_down
+
+    x32 = jnp.asarray(x).astype(compute_dtype(jnp.asarray(x).dtype))
+    rms = jnp.sqrt(jnp.mean(jnp.square(x32))) if x32.size else jnp.float32(0)
+    rms = rms.astype(np.float32)
+    ok = (rms > np.finfo(np.float32).tiny) & jnp.isfinite(rms)
+    return jax.lax.stop_gradient(jnp.where(ok, pow2_round_down(jnp.where(ok, rms, 1.0)), 1.0))
+
+
+def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
     """Turn every float leaf of ``tree`` into a ScaledArray of the same value.
 
-    ``data = x / scale`` (``scale`` defaults to 1, so data is ``x`` itself); integer and
-    boolean leaves, and existing ScaledArrays, are returned unchanged.
+    ``data = x / scale``. With ``scale=None`` (the default) each leaf gets its own
+    `unit_scale` (the power of two below its RMS), so data starts near unit variance:
+    that is what keeps data in range through deep networks, whose weights are initialised
+    with a standard deviation of ``1/sqrt(fan_in)``. Pass ``scale=1.0`` for data equal
+    to ``x``. ``dtype`` casts the data after dividing (so tiny float32 values survive a
+    cast to float16). Integer and boolean leaves, and existing ScaledArrays, are returned
+    unchanged.
     """
     if scale is not None:
         scale = jnp.asarray(scale, dtype=np.float32)
         if np.shape(scale) != ():
             raise TypeError(f"as_scaled_array: scale must be a scalar, got shape {np.shape(scale)}.")
         _check_concrete_scale(scale)
+    if dtype is not None and not is_float_dtype(dtype):
+        raise TypeError(f"as_scaled_array: dtype must be a float dtype, got {dtype}.")
 
     def convert(x: Any) -> Any:
         if isinstance(x, ScaledArray) or x is None:
             return x
         if isinstance(x, (float,)) or (hasattr(x, "dtype") and is_float_dtype(x.dtype)):
             x = jnp.asarray(x)
-            if scale is None:
-                return ScaledArray(x, jnp.ones((), np.float32))
-            data = (x.astype(compute_dtype(x.dtype)) / scale).astype(x.dtype)
-            return ScaledArray(data, scale)
+            out_dtype = x.dtype if dtype is None else np.dtype(dtype)
+            s = unit_scale(x) if scale is None else scale
+            data = (x.astype(compute_dtype(x.dtype)) / s).astype(out_dtype)
+            return ScaledArray(data, s)
         return x
 
     return jax.tree.map(convert, tree, is_leaf=is_scaled_leaf)

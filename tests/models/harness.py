@@ -1,0 +1,74 @@
+"""Compare one training step under `jax.jit(scalify(step))` with the plain float32 step.
+
+Only the inputs and parameters are converted (`as_scaled_array`, dtype cast); the model
+code, the loss and the optax optimizer are unmodified.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import scalify as sfy
+
+
+def to_scaled(tree: Any, dtype: Any) -> Any:
+    """Float leaves as unit-scaled ScaledArrays with ``dtype`` data."""
+    return sfy.as_scaled_array(tree, dtype=dtype)
+
+
+def f32(tree: Any) -> Any:
+    return sfy.asarray(tree, dtype=jnp.float32)
+
+
+def rel_err(got: Any, want: Any) -> float:
+    """Relative L2 error over a whole pytree."""
+    g = jax.tree.leaves(f32(got))
+    w = jax.tree.leaves(want)
+    num = sum(float(jnp.sum((a.astype(jnp.float32) - b) ** 2)) for a, b in zip(g, w))
+    den = sum(float(jnp.sum(b.astype(jnp.float32) ** 2)) for b in w)
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def adam_step(loss_fn: Callable, lr: float = 1e-3) -> tuple:
+    """A training step ``(params, opt_state, *batch) -> (params, opt_state, loss, grads)``
+    with ``loss_fn(params, *batch) -> (loss, aux)``."""
+    opt = optax.adam(lr)
+
+    def step(params, opt_state, *batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads, aux
+
+    return opt, step
+
+
+def check_training_step(loss_fn: Callable, params: Any, batch: tuple, dtype: Any,
+                        grad_tol: float, lr: float = 1e-3) -> dict:
+    """Run the plain float32 step and the scalified step with ``dtype`` data; assert loss,
+    gradients and updated parameters agree. Returns the scalified outputs."""
+    opt, step = adam_step(loss_fn, lr)
+    state = opt.init(params)
+    ref = jax.jit(step)(params, state, *batch)
+
+    # The model's parameters and inputs hold ``dtype`` data; the optax state stays
+    # float32 (scaled): a float16 optax state is what `scalify.optim.scaled_state` is
+    # for (plain Adam's second moment underflows float16, scaled or not).
+    sparams, sstate = to_scaled(params, dtype), to_scaled(state, jnp.float32)
+    sbatch = tuple(to_scaled(b, dtype) for b in batch)
+    out = jax.jit(sfy.scalify(step))(sparams, sstate, *sbatch)
+
+    new_params, new_state, loss, grads, aux = out
+    # The parameters the model sees are the scaled ones, sent through the same step.
+    assert isinstance(jax.tree.leaves(new_params, is_leaf=sfy.core.is_scaled_leaf)[0], sfy.ScaledArray)
+    np.testing.assert_allclose(float(f32(loss)), float(ref[2]), rtol=grad_tol)
+    assert rel_err(grads, ref[3]) < grad_tol, rel_err(grads, ref[3])
+    # Adam's first step moves each weight by about lr * sign(g): compare in units of lr.
+    for a, b in zip(jax.tree.leaves(f32(new_params)), jax.tree.leaves(ref[0])):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=lr * 0.5 + 4e-3 * float(np.abs(b).max()))
+    for leaf in jax.tree.leaves(f32((new_params, new_state, loss, grads))):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    return {"params": new_params, "state": new_state, "loss": loss, "grads": grads, "aux": aux, "ref": ref}
