@@ -51,3 +51,39 @@ def is_unspecified(sharding: Any) -> bool:
 
 def is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def is_symbolic_zero(x: Any) -> bool:
+    """True for the symbolic zeros (`Zero`, `SymbolicZero`) that JAX's flattened custom
+    derivative rules may return in place of an array."""
+    return type(x).__name__ in ("Zero", "SymbolicZero") and hasattr(x, "aval")
+
+
+def name_stack(eqn: Any) -> str:
+    """The name stack of a jaxpr equation as a string, e.g. ``"Model/head"`` (Flax module
+    paths and `jax.named_scope` names), or ``""`` when unknown. Inside a sub-jaxpr (jit,
+    scan, ...) it is relative to the enclosing equation."""
+    try:
+        return str(eqn.source_info.name_stack)
+    except Exception:  # pragma: no cover - best effort
+        return ""
+
+
+def equation_context(eqn: Any) -> Any:
+    """A context manager that re-binds under ``eqn``'s source line, name stack (appended
+    to the current one) and equation context, as `jax.core.eval_jaxpr` does, so that
+    equations re-traced by a jaxpr rewrite keep their names and lines."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def manager() -> Any:
+        try:
+            stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+            user = _source_info_util.user_context(eqn.source_info.traceback, name_stack=stack)
+        except Exception:  # pragma: no cover - depends on the JAX release
+            user = contextlib.nullcontext()
+        ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+        with user, (ctx if ctx is not None else contextlib.nullcontext()):
+            yield
+
+    return manager()
