@@ -99,7 +99,15 @@ def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
     dtype = compute_dtype(xdtype) if dtype is None else dtype
     c = static_uniform_value(x)
     if c is not None:
-        v = c if is_scale_free(x) else xnp(scale).asarray(c, scale_dtype()) / scale
+        if is_scale_free(x):
+            return _full(np.shape(x), c, dtype)
+        v = xnp(scale).asarray(c, scale_dtype()) / scale
+        if is_float_dtype(xdtype):
+            # A constant beyond its format's range at this scale saturates rather than
+            # becoming inf: `where(mask, x, finfo.min)` stays a huge finite fill, and a
+            # fully masked softmax row stays uniform instead of NaN.
+            big = np.asarray(jnp.finfo(xdtype).max, scale_dtype())
+            v = xnp(v).clip(v, -big, big)
         return _full(np.shape(x), v, dtype)
     if is_static(scale) and scale == 1:
         return _astype(x, dtype)
@@ -138,8 +146,16 @@ def _full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
 
 
 def common_scale(*xs: Any) -> Any:
-    """The largest scale among operands (scale-free constants ignored; 1 if none)."""
-    scales = [s for s in (scale_of(x) for x in xs) if s is not None]
+    """The scale operands are aligned to (select, concatenate, max/min, clamp, scatter):
+    the largest scale among the traced operands.
+
+    Static constants are ignored when any operand is traced: they are expressed in that
+    scale (saturating at their format's maximum, see `in_scale`). Otherwise a fill like
+    ``finfo.min`` in an attention mask (scale 2**127) would push the real operand's data
+    into the subnormals. Scale-free constants never count; 1 if nothing does.
+    """
+    traced = [x for x in xs if not is_static(x)]
+    scales = [s for s in (scale_of(x) for x in (traced or xs)) if s is not None]
     if not scales:
         return one()
     out = scales[0]
