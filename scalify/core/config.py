@@ -11,6 +11,7 @@ import enum
 import threading
 from typing import Any, Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,7 +58,7 @@ class ScalifyConfig:
                 f"ScalifyConfig.rounding_mode must be a Pow2RoundMode, got {self.rounding_mode!r}."
             )
         dtype = np.dtype(self.scale_dtype)
-        if not np.issubdtype(dtype, np.floating) or dtype.itemsize < 2:
+        if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
             raise TypeError(f"ScalifyConfig.scale_dtype must be a float dtype, got {dtype}.")
         object.__setattr__(self, "scale_dtype", dtype)
 

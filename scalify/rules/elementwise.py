@@ -1,26 +1,232 @@
 """Scaled rules of elementwise primitives.
 
-Arithmetic combines scales exactly (add/sub: ``pow2(sqrt(sx**2 + sy**2))``, mul:
-``sx * sy``, div: ``sx / sy``); non-linear functions compute on the unscaled value in
-float32 and return data at a fresh scale. Every rule computes in float32 (or wider) and
-rounds once to the output dtype.
+Every rule computes in float32 (or wider, the "compute dtype") and rounds once to the
+output dtype. Scales are chosen per family:
+
+- **Arithmetic** combines scales exactly: add/sub ``pow2(sqrt(sx**2 + sy**2))`` (unit
+  variance of a sum of two unit-variance terms), mul ``sx * sy``, div ``sx / sy``. A scale
+  product that would leave the normal float32 range is clamped to it and the excess goes
+  into the data, so that scales stay finite powers of two and the data over/underflows
+  exactly where the float32 value would.
+- **Data movement and selection** (neg, abs, max, min, clamp, select_n) keep the scale
+  or align operands to the largest one (overflow-safe); scale-free constants (0, +-inf,
+  NaN) adopt it. **Comparisons** (and atan2) align to the *smallest* scale in float32,
+  exact and free of underflow, and return plain booleans.
+- **Power functions** (sqrt, rsqrt, cbrt, square, integer_pow, pow with a static
+  exponent) transform the scale exactly (e.g. ``sqrt``: ``p = pow2(sqrt(s))``), so that
+  1e-30 or 1e30 held in float16 data stay in range; log adds ``log(s)`` in float32.
+- **Other non-linear functions** compute on the unscaled value ``data * scale`` in
+  float32 (its range is that of the float32 reference) and return data at a scale chosen
+  from the input scale alone, with no reduction added to the hot path: 1 for functions
+  whose outputs are O(1) or grow without bound for O(1) inputs (exp, cos, logistic, ...),
+  ``min(s, 1)`` for functions behaving like the identity near 0 (tanh, sin, erf, expm1,
+  ...), so that tiny inputs keep their precision. Outputs that exceed the data format
+  at scale 1 (``exp(12)`` in float16) overflow as a plain float16 computation would.
+
+Static operands (NumPy values known at trace time) contribute their power-of-two part as
+a static scale, so ``x * 3.0`` multiplies the scale by 2 and the data by 1.5, and
+``x + 0``, ``max(x, -inf)`` keep ``x``'s scale without computing any.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional, Tuple
 
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.extend.core import Primitive
+from jax.extend.core import primitives as jax_primitives
 
-from scalify.core.datatype import ScaledArray
-from scalify.core.operands import hypot_scale, in_scale, out_dtype, scale_of
+from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.operands import (
+    as_jax,
+    common_scale,
+    compute_dtype,
+    hypot_scale,
+    in_scale,
+    one,
+    out_dtype,
+    promote,
+    ratio_of,
+    scale_of,
+    static_uniform_value,
+)
+from scalify.core.pow2 import is_static, pow2_round, xnp
 from scalify.core.registry import register_scaled_op
 
+# --------------------------------------------------------------------------------------
+# Scale helpers local to this family.
+# --------------------------------------------------------------------------------------
 
-@register_scaled_op(lax.add_p)
+
+def _is_one(s: Any) -> bool:
+    return is_static(s) and bool(np.asarray(s) == 1)
+
+
+def _or_one(s: Optional[Any]) -> Any:
+    return one() if s is None else s
+
+
+def _bounds(dtype: Any) -> Tuple[float, float, int, int]:
+    """Smallest normal and largest power of two of a scale dtype, and their exponents."""
+    fi = jnp.finfo(dtype)
+    return float(fi.tiny), float(2.0 ** (fi.maxexp - 1)), int(fi.minexp), int(fi.maxexp - 1)
+
+
+def _sdtype(*scales: Any) -> np.dtype:
+    return np.dtype(jnp.result_type(*[np.asarray(s).dtype if is_static(s) else s.dtype for s in scales]))
+
+
+def _static_clamped(p: float, dtype: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """A static scale value ``p`` (exact, float64) as (scale clamped to range, residual)."""
+    lo, hi, _, _ = _bounds(dtype)
+    s = min(max(p, lo), hi)
+    with np.errstate(over="ignore", under="ignore"):
+        r = None if s == p else np.asarray(p / s, np.float32)
+    return np.asarray(s, dtype), r
+
+
+def _scale_mul(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
+    """``a * b`` as ``(scale, residual)``: ``scale`` is the product clamped to the normal
+    range of the scale dtype and ``residual = a * b / scale`` (None when exactly 1) must be
+    multiplied into the data. Static scales fold in NumPy."""
+    if _is_one(a):
+        return b, None
+    if _is_one(b):
+        return a, None
+    dtype = _sdtype(a, b)
+    if is_static(a) and is_static(b):
+        return _static_clamped(float(a) * float(b), dtype)
+    lo, hi, _, _ = _bounds(dtype)
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    p = a * b
+    s = _clip(p, lo, hi)
+    # Divide the smaller factor first: no intermediate leaves the float range.
+    r = lax.select(p == s, jnp.ones_like(s), (lax.min(a, b) / s) * lax.max(a, b))
+    return s, r
+
+
+def _scale_div(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
+    """``a / b`` as ``(scale, residual)``, as `_scale_mul`."""
+    if _is_one(b):
+        return a, None
+    dtype = _sdtype(a, b)
+    if is_static(a) and is_static(b):
+        return _static_clamped(float(a) / float(b), dtype)
+    lo, hi, _, _ = _bounds(dtype)
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    p = a / b
+    s = _clip(p, lo, hi)
+    r = lax.select(p == s, jnp.ones_like(s), (a / s) / b)
+    return s, r
+
+
+def _int_dtype(dtype: Any) -> Any:
+    return {2: np.int16, 4: np.int32, 8: np.int64}[np.dtype(dtype).itemsize]
+
+
+def _exponent(s: Any) -> Any:
+    """``floor(log2(s))`` of a traced positive normal scale, from its exponent bits
+    (exact; subnormals read as the smallest normal exponent minus one)."""
+    fi = jnp.finfo(s.dtype)
+    bits = lax.bitcast_convert_type(lax.stop_gradient(s), _int_dtype(s.dtype))
+    biased = (bits >> fi.nmant) & ((1 << fi.nexp) - 1)
+    return biased.astype(np.int32) - np.int32(fi.maxexp - 1)
+
+
+def _exp2_int(k: Any, dtype: Any) -> Any:
+    """``2**k`` for a traced integer ``k`` in the normal exponent range of ``dtype``,
+    built from its exponent bits (exact)."""
+    fi = jnp.finfo(dtype)
+    itype = _int_dtype(dtype)
+    bits = (k.astype(itype) + itype(fi.maxexp - 1)) << itype(fi.nmant)
+    return lax.bitcast_convert_type(bits, np.dtype(dtype))
+
+
+def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
+    """``s ** c`` (``c`` a static exponent) as ``(scale, residual)``: writing
+    ``s = m * 2**e``, ``scale = 2**floor(c * e)`` clamped to the normal range and
+    ``residual = s**c / scale`` (``2**frac(c * e) * m**c``; exactly 1 for a power-of-two
+    ``s`` and integer ``c`` unless clamped)."""
+    dtype = _sdtype(s)
+    _, _, kmin, kmax = _bounds(dtype)
+    if is_static(s):
+        m, e = np.frexp(np.float64(s))  # s = (2m) * 2**(e-1), 2m in [1, 2)
+        e = max(int(e) - 1, kmin)
+        q = c * e
+        k = min(max(np.floor(q), kmin), kmax)
+        with np.errstate(over="ignore", under="ignore"):
+            r = np.float32(np.exp2(q - k) * (float(s) / 2.0**e) ** c)
+        return np.asarray(np.ldexp(1.0, int(k)), dtype), (None if r == 1 else np.asarray(r))
+    e = lax.max(_exponent(s), np.int32(kmin))
+    mant = (s / _exp2_int(e, dtype)).astype(np.float32)  # exact; 1 for a power of two
+    q = np.float32(c) * e.astype(np.float32)  # integer-valued for integer c
+    k = _clip(lax.floor(q), kmin, kmax)
+    frac = q - k
+    one32 = np.float32(1)
+    r = lax.select(frac == 0, one32, lax.exp2(frac))
+    r = r * lax.select(mant == 1, one32, lax.pow(mant, np.float32(c)))
+    return _exp2_int(k.astype(np.int32), dtype), r
+
+
+def _clip(x: Any, lo: float, hi: float) -> Any:
+    """``clamp(lo, x, hi)`` of a traced scalar (bounds cast to its dtype)."""
+    return lax.clamp(np.asarray(lo, x.dtype), x, np.asarray(hi, x.dtype))
+
+
+def _times(data: Any, r: Optional[Any]) -> Any:
+    """``data * r`` (``r`` a scalar residual, None meaning 1)."""
+    if r is None:
+        return data
+    return data * jnp.asarray(r, data.dtype)
+
+
+def _value(x: ScaledArray) -> Any:
+    """The unscaled value ``data * scale`` in the compute dtype (float32 or wider)."""
+    d = as_jax(x.data).astype(compute_dtype(x.dtype))
+    if _is_one(x.scale):
+        return d
+    return d * jnp.asarray(x.scale, d.dtype)
+
+
+def _data(x: ScaledArray) -> Any:
+    """The data in the compute dtype."""
+    return as_jax(x.data).astype(compute_dtype(x.dtype))
+
+
+def _div_by_scale(y: Any, t: Any) -> Any:
+    if _is_one(t):
+        return y
+    return y / jnp.asarray(t, y.dtype)
+
+
+def _max_scale(a: Any, b: Any) -> Any:
+    return xnp(a, b).maximum(a, b)
+
+
+def _min_scale(a: Any, b: Any) -> Any:
+    return xnp(a, b).minimum(a, b)
+
+
+def _clamp_scale(s: Any) -> Any:
+    """Keep a derived scale inside the normal range of its dtype (finite, non-zero)."""
+    lo, hi, _, _ = _bounds(_sdtype(s))
+    if is_static(s):
+        return np.asarray(min(max(float(s), lo), hi), _sdtype(s))
+    return _clip(s, lo, hi)
+
+
+# --------------------------------------------------------------------------------------
+# Arithmetic.
+# --------------------------------------------------------------------------------------
+
+
+@register_scaled_op(lax.add_p, jax_primitives.add_jaxvals_p)
 def add(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x + y`` at scale ``pow2(sqrt(sx**2 + sy**2))``: the sum of two independent
     unit-variance terms has variance 2, so data stays near unit variance. A scale-free
-    constant (``x + 0``) keeps the other operand's scale."""
+    constant (``x + 0``) keeps the other operand's scale. Also the rule of autodiff's
+    ``add_any`` (``add_jaxvals_p``), which sums cotangents."""
     s = hypot_scale(scale_of(x), scale_of(y))
     return ScaledArray((in_scale(x, s) + in_scale(y, s)).astype(out_dtype(x, y)), s)
 
@@ -30,3 +236,455 @@ def sub(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x - y``, scaled as `add`."""
     s = hypot_scale(scale_of(x), scale_of(y))
     return ScaledArray((in_scale(x, s) - in_scale(y, s)).astype(out_dtype(x, y)), s)
+
+
+@register_scaled_op(lax.mul_p)
+def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``x * y`` at scale ``sx * sy``: the product of unit-variance data has unit
+    variance. A static constant ``c`` contributes ``pow2(|c|)`` to the scale and
+    ``c / pow2(|c|)`` to the data; a scale-free one (0, inf, NaN) multiplies the data
+    as it is (``x * 0`` is 0, ``inf * 0`` is NaN, like float32). A scale product outside
+    the float32 normal range is clamped and the excess goes into the data."""
+    sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
+    s, r = _scale_mul(sx, sy)
+    data = _times(in_scale(x, sx) * in_scale(y, sy), r)
+    dtype = params.get("out_dtype") or out_dtype(x, y)
+    return ScaledArray(data.astype(dtype), s)
+
+
+@register_scaled_op(lax.div_p)
+def div(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``x / y`` at scale ``sx / sy`` (static constants and clamping as in `mul`)."""
+    sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
+    s, r = _scale_div(sx, sy)
+    data = _times(in_scale(x, sx) / in_scale(y, sy), r)
+    return ScaledArray(data.astype(out_dtype(x, y)), s)
+
+
+@register_scaled_op(lax.neg_p)
+def neg(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``-x``: same scale, data negated (exact)."""
+    return ScaledArray(lax.neg_p.bind(x.data, **params), x.scale)
+
+
+@register_scaled_op(lax.abs_p)
+def abs_(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``|x|``: same scale, absolute value of the data (exact)."""
+    return ScaledArray(lax.abs_p.bind(x.data, **params), x.scale)
+
+
+@register_scaled_op(lax.sign_p)
+def sign(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``sign(x)`` in {-1, 0, 1} (NaN for NaN) at scale 1: the sign of the data, since
+    scales are positive."""
+    return ScaledArray(lax.sign_p.bind(x.data, **params), one())
+
+
+@register_scaled_op(lax.rem_p)
+def rem(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``rem(x, y)`` (C ``fmod``: sign of ``x``, ``|rem| < |y|``) at the smaller scale of
+    the two operands, since ``|rem(x, y)| <= min(|x|, |y|)``. Both operands are aligned
+    to it in float32, where ``fmod`` is exact."""
+    scales = [s for s in (scale_of(x), scale_of(y)) if s is not None]
+    s = one()
+    if scales:
+        s = scales[0] if len(scales) == 1 else _min_scale(*scales)
+    data = lax.rem(in_scale(x, s), in_scale(y, s))
+    return ScaledArray(data.astype(out_dtype(x, y)), s)
+
+
+@register_scaled_op(lax.nextafter_p)
+def nextafter(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """The next representable value after ``x`` towards ``y``, *in the data format at
+    x's scale*: ``nextafter(dx, y / sx) * sx``. With a power-of-two scale this is the
+    float nextafter of the value (exact for float32 data in the normal range); for
+    float16 data the step is one float16 ulp. The direction is decided in float32."""
+    x = promote(x)
+    s = x.scale
+    a = x.data
+    a32 = _data(x)
+    b32 = in_scale(y, s)
+    toward = jnp.where(b32 > a32, jnp.inf, jnp.where(b32 < a32, -jnp.inf, b32))
+    return ScaledArray(lax.nextafter(a, toward.astype(a.dtype)), s)
+
+
+# --------------------------------------------------------------------------------------
+# Selection (aligned to the largest scale) and comparisons (to the smallest).
+# --------------------------------------------------------------------------------------
+
+
+def _aligned(xs: Any, dtype: Any = None) -> Tuple[Any, list]:
+    s = common_scale(*xs)
+    return s, [as_jax(in_scale(x, s, dtype)) for x in xs]
+
+
+@register_scaled_op(lax.max_p)
+def max_(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``max(x, y)`` at the larger scale (overflow-safe; values of the smaller-scale
+    operand far below it may round to zero). Scale-free constants (``max(x, 0)``,
+    ``max(x, -inf)``) keep ``x``'s scale."""
+    dtype = out_dtype(x, y)
+    s, (a, b) = _aligned((x, y), dtype)
+    return ScaledArray(lax.max_p.bind(a, b, **params), s)
+
+
+@register_scaled_op(lax.min_p)
+def min_(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``min(x, y)``, scaled as `max`."""
+    dtype = out_dtype(x, y)
+    s, (a, b) = _aligned((x, y), dtype)
+    return ScaledArray(lax.min_p.bind(a, b, **params), s)
+
+
+@register_scaled_op(lax.clamp_p)
+def clamp(lo: Any, x: Any, hi: Any, **params: Any) -> ScaledArray:
+    """``clamp(lo, x, hi)`` with the three operands aligned to the largest scale
+    (scale-free bounds such as 0 or inf ignored), as `max`."""
+    dtype = out_dtype(x, lo, hi)
+    s, (a, b, c) = _aligned((lo, x, hi), dtype)
+    return ScaledArray(lax.clamp_p.bind(a, b, c, **params), s)
+
+
+@register_scaled_op(lax.select_n_p)
+def select_n(pred: Any, *cases: Any, **params: Any) -> Any:
+    """``select_n(pred, *cases)`` with the cases aligned to the largest scale; scale-free
+    static cases (broadcast zeros, ``-inf`` masks) adopt it. A static uniform predicate
+    picks its case at trace time, keeping that case's own scale."""
+    c = static_uniform_value(pred)
+    if c is not None:
+        return cases[int(c)]
+    dtype = out_dtype(*cases)
+    s, data = _aligned(cases, dtype)
+    return ScaledArray(lax.select_n_p.bind(as_jax(pred), *data, **params), s)
+
+
+def _aligned_low(*xs: Any) -> list:
+    """Operands in float32 at their *smallest* scale (scale-free constants ignored).
+
+    Scaling data up by a power of two is exact, so nothing underflows (aligning to the
+    largest scale would flush small values to zero); a value that overflows becomes
+    +-inf, which still orders correctly against the other operand, whose data is
+    unchanged. The ratio is capped at the largest power of two so that a zero stays 0.
+    """
+    scales = [s for s in (scale_of(x) for x in xs) if s is not None]
+    s = one()
+    if scales:
+        s = scales[0]
+        for t in scales[1:]:
+            s = _min_scale(s, t)
+    _, hi, _, _ = _bounds(_sdtype(s))
+    out = []
+    for x in xs:
+        if isinstance(x, ScaledArray):
+            r = ratio_of(x.scale, s)
+            r = None if _is_one(r) else xnp(r).minimum(r, hi)
+            out.append(_times(_data(x), r))
+        else:
+            out.append(as_jax(in_scale(x, s)))
+    return out
+
+
+def _comparison(prim: Primitive) -> Callable[..., Any]:
+    def rule(x: Any, y: Any, **params: Any) -> Any:
+        a, b = _aligned_low(x, y)
+        return prim.bind(a, b, **params)
+
+    rule.__name__ = prim.name
+    rule.__doc__ = (
+        f"``{prim.name}(x, y)`` as a plain boolean array. Both operands are aligned in "
+        "float32 to the *smaller* of their scales: exact for power-of-two scales, no "
+        "underflow of the small operand (1e-30 still compares greater than 0 held at "
+        "scale 1e30), and an overflow of the large one gives +-inf, which orders "
+        "correctly. Unscaled values are never formed."
+    )
+    return register_scaled_op(prim)(rule)
+
+
+eq = _comparison(lax.eq_p)
+ne = _comparison(lax.ne_p)
+lt = _comparison(lax.lt_p)
+le = _comparison(lax.le_p)
+gt = _comparison(lax.gt_p)
+ge = _comparison(lax.ge_p)
+
+
+@register_scaled_op(lax.is_finite_p)
+def is_finite(x: ScaledArray, **params: Any) -> Any:
+    """``isfinite(x)`` as a plain boolean array: the data's, since the scale is a
+    positive finite number."""
+    return lax.is_finite_p.bind(x.data, **params)
+
+
+# --------------------------------------------------------------------------------------
+# Power functions: exact scale transforms.
+# --------------------------------------------------------------------------------------
+
+
+@register_scaled_op(lax.sqrt_p)
+def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``sqrt(x)`` at scale ``p = pow2(sqrt(s))``, data ``sqrt(d * s / p**2)`` (the ratio
+    is 1 or 2 with DOWN rounding): the square root of 1e-30 held in float16 data is
+    1e-15 at scale ~2**-50, never a float16 underflow."""
+    s = x.scale
+    p = pow2_round(xnp(s).sqrt(s))
+    ratio = (s / p) / p
+    data = lax.sqrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    return ScaledArray(data.astype(x.dtype), p)
+
+
+@register_scaled_op(lax.rsqrt_p)
+def rsqrt(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``1 / sqrt(x)`` at scale ``p = pow2(1 / sqrt(s))``, data ``rsqrt(d * s * p**2)``."""
+    s = x.scale
+    p = pow2_round(1 / xnp(s).sqrt(s))
+    ratio = (s * p) * p
+    data = lax.rsqrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    return ScaledArray(data.astype(x.dtype), p)
+
+
+@register_scaled_op(lax.cbrt_p)
+def cbrt(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``cbrt(x)`` at scale ``p = pow2(cbrt(s))``, data ``cbrt(d * s / p**3)``."""
+    s = x.scale
+    p = pow2_round(xnp(s).cbrt(s))
+    ratio = ((s / p) / p) / p
+    data = lax.cbrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    return ScaledArray(data.astype(x.dtype), p)
+
+
+@register_scaled_op(lax.square_p)
+def square(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``x**2`` at scale ``s**2`` (clamped to the float32 normal range, the excess into
+    the data), data ``d**2``: exact for power-of-two scales."""
+    s, r = _scale_pow(x.scale, 2.0)
+    d = _data(x)
+    return ScaledArray(_times(lax.square_p.bind(d, **params), r).astype(x.dtype), s)
+
+
+@register_scaled_op(lax.integer_pow_p)
+def integer_pow(x: ScaledArray, *, y: int, **params: Any) -> ScaledArray:
+    """``x**y`` at scale ``s**y`` (clamped to the float32 normal range, the excess into
+    the data), data ``d**y``: exact for power-of-two scales, so ``x**3`` of 1e-30 gives
+    float32's 0 and of 1e30 gives inf, but no NaN or zero scale downstream."""
+    s, r = _scale_pow(x.scale, float(y))
+    d = _data(x)
+    return ScaledArray(_times(lax.integer_pow_p.bind(d, y=y, **params), r).astype(x.dtype), s)
+
+
+@register_scaled_op(lax.pow_p)
+def pow_(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``x ** y``. With a static uniform exponent ``c`` and a scaled base, the scale
+    transforms exactly: ``s**c = 2**k * r`` with ``k = floor(c * log2 s)``, output scale
+    ``2**k`` and data ``d**c * r`` (``r`` in ``[1, 2)``), so ``x ** 0.5`` of 1e-30 stays
+    in range. Otherwise (traced exponent, scaled exponent or static base) the power is
+    computed on the unscaled float32 values and returned at scale 1: its magnitude
+    depends on every element of the exponent, which no input scale predicts."""
+    c = None if isinstance(y, ScaledArray) else static_uniform_value(y)
+    if isinstance(x, ScaledArray) and c is not None and np.isfinite(c):
+        c = float(np.asarray(c, np.float32))
+        s, r = _scale_pow(x.scale, c)
+        data = lax.pow(_data(x), np.float32(c))
+        return ScaledArray(_times(data, r).astype(out_dtype(x, y)), s)
+    data = lax.pow_p.bind(in_scale(x, one()), in_scale(y, one()), **params)
+    return ScaledArray(data.astype(out_dtype(x, y)), one())
+
+
+@register_scaled_op(lax.log_p)
+def log(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``log(x) = log(d) + log(s)`` in float32 at scale 1: extreme scales never under-
+    or overflow (``log`` of 1e-30 held in float16 data is -69), and the result is
+    O(10) at most for any float32 scale."""
+    s = x.scale
+    y = lax.log_p.bind(_data(x), **params)
+    if not _is_one(s):
+        y = y + xnp(s).log(s).astype(y.dtype)
+    return ScaledArray(y.astype(x.dtype), one())
+
+
+# --------------------------------------------------------------------------------------
+# Other non-linear functions: computed on the unscaled float32 value.
+# --------------------------------------------------------------------------------------
+
+
+def _unit_scale(s: Any) -> Any:
+    return one()
+
+
+def _near_identity_scale(s: Any) -> Any:
+    return pow2_round(_min_scale(s, one()))
+
+
+def _growing_scale(s: Any) -> Any:
+    return pow2_round(_max_scale(s, one()))
+
+
+def _pole_at_zero_scale(s: Any) -> Any:
+    return _clamp_scale(pow2_round(_max_scale(1 / s, one())))
+
+
+def _decaying_scale(s: Any) -> Any:
+    return pow2_round(_min_scale(one(), 1 / xnp(s).sqrt(s)))
+
+
+def _odd_decaying_scale(s: Any) -> Any:
+    return pow2_round(_min_scale(s, 1 / xnp(s).sqrt(s)))
+
+
+_SCALE_DOCS = {
+    _unit_scale: (
+        "returned at scale 1: its outputs are O(1) for O(1) inputs, or grow too fast "
+        "for any scale chosen from the input scale alone (no reduction is added to the "
+        "hot path); values beyond the data format at scale 1 overflow as in plain "
+        "low-precision JAX"
+    ),
+    _near_identity_scale: (
+        "returned at scale ``min(s, 1)``: it behaves like ``c * x`` near 0 and is O(1) "
+        "for O(1) inputs, so tiny inputs (1e-30 in float16 data) keep their precision "
+        "while O(1) outputs keep unit scale"
+    ),
+    _growing_scale: (
+        "returned at scale ``max(s, 1)``: it grows like ``x`` (times a log) for large "
+        "inputs and is O(1) otherwise"
+    ),
+    _decaying_scale: (
+        "returned at scale ``min(1, 1/sqrt(s))``: it is O(1) near 0 and decays like "
+        "``1/sqrt(x)`` for large inputs"
+    ),
+    _odd_decaying_scale: (
+        "returned at scale ``min(s, 1/sqrt(s))``: it behaves like ``x/2`` near 0 and "
+        "decays like ``1/sqrt(x)`` for large inputs"
+    ),
+    _pole_at_zero_scale: (
+        "returned at scale ``max(1 / s, 1)``: it has a ``-1/x`` pole at 0, so tiny "
+        "inputs give outputs of magnitude ``1/s``, and is O(log x) otherwise"
+    ),
+}
+
+
+def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any]) -> Callable[..., Any]:
+    def rule(x: ScaledArray, **params: Any) -> ScaledArray:
+        t = scale_fn(x.scale)
+        y = prim.bind(_value(x), **params)
+        return ScaledArray(_div_by_scale(y, t).astype(x.dtype), t)
+
+    rule.__name__ = prim.name
+    rule.__doc__ = (
+        f"``{prim.name}(x)`` computed in float32 on the unscaled value ``d * s`` and "
+        f"{_SCALE_DOCS[scale_fn]}."
+    )
+    return register_scaled_op(prim)(rule)
+
+
+exp = _nonlinear(lax.exp_p, _unit_scale)
+exp2 = _nonlinear(lax.exp2_p, _unit_scale)
+cos = _nonlinear(lax.cos_p, _unit_scale)
+cosh = _nonlinear(lax.cosh_p, _unit_scale)
+acos = _nonlinear(lax.acos_p, _unit_scale)
+acosh = _nonlinear(lax.acosh_p, _unit_scale)
+logistic = _nonlinear(lax.logistic_p, _unit_scale)
+erfc = _nonlinear(lax.erfc_p, _unit_scale)
+
+tanh = _nonlinear(lax.tanh_p, _near_identity_scale)
+sin = _nonlinear(lax.sin_p, _near_identity_scale)
+tan = _nonlinear(lax.tan_p, _near_identity_scale)
+asin = _nonlinear(lax.asin_p, _near_identity_scale)
+atan = _nonlinear(lax.atan_p, _near_identity_scale)
+sinh = _nonlinear(lax.sinh_p, _near_identity_scale)
+asinh = _nonlinear(lax.asinh_p, _near_identity_scale)
+atanh = _nonlinear(lax.atanh_p, _near_identity_scale)
+erf = _nonlinear(lax.erf_p, _near_identity_scale)
+erf_inv = _nonlinear(lax.erf_inv_p, _near_identity_scale)
+expm1 = _nonlinear(lax.expm1_p, _near_identity_scale)
+log1p = _nonlinear(lax.log1p_p, _near_identity_scale)
+
+lgamma = _nonlinear(lax.lgamma_p, _growing_scale)
+digamma = _nonlinear(lax.digamma_p, _pole_at_zero_scale)
+
+bessel_i0e = _nonlinear(lax.bessel_i0e_p, _decaying_scale)
+bessel_i1e = _nonlinear(lax.bessel_i1e_p, _odd_decaying_scale)
+
+# Rounding to integers: for s >= 1 the value's integer part is at the data's scale (the
+# result has the magnitude of x); for s < 1, |x| is below the data's magnitude and the
+# results are small integers, held at scale 1.
+round_ = _nonlinear(lax.round_p, _growing_scale)
+floor = _nonlinear(lax.floor_p, _growing_scale)
+ceil = _nonlinear(lax.ceil_p, _growing_scale)
+
+
+@register_scaled_op(lax.atan2_p)
+def atan2(x: Any, y: Any, **params: Any) -> ScaledArray:
+    """``atan2(x, y)`` in float32 on both operands aligned to their smaller scale, as
+    the comparisons (only their ratio matters: no underflow, and an overflow to +-inf
+    gives atan2's correct limit), returned at scale 1 (an angle)."""
+    a, b = _aligned_low(x, y)
+    return ScaledArray(lax.atan2_p.bind(a, b, **params).astype(out_dtype(x, y)), one())
+
+
+def _special_function(prim: Primitive) -> Callable[..., Any]:
+    def rule(*operands: Any, **params: Any) -> ScaledArray:
+        values = [in_scale(x, one()) for x in operands]
+        y = prim.bind(*values, **params)
+        return ScaledArray(y.astype(out_dtype(*operands)), one())
+
+    rule.__name__ = prim.name
+    rule.__doc__ = (
+        f"``{prim.name}`` of several operands, computed in float32 on their unscaled "
+        "values and returned at scale 1 (a special function whose magnitude no single "
+        "input scale predicts; incomplete gamma and beta functions lie in [0, 1])."
+    )
+    return register_scaled_op(prim)(rule)
+
+
+igamma = _special_function(lax.igamma_p)
+igammac = _special_function(lax.igammac_p)
+igamma_grad_a = _special_function(lax.igamma_grad_a_p)
+polygamma = _special_function(lax.polygamma_p)
+zeta = _special_function(lax.zeta_p)
+regularized_incomplete_beta = _special_function(lax.regularized_incomplete_beta_p)
+
+
+# --------------------------------------------------------------------------------------
+# Casts, precision and autodiff helpers.
+# --------------------------------------------------------------------------------------
+
+
+def _has_inf(dtype: Any) -> bool:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.isinf(np.array(np.inf, np.float32).astype(dtype)))
+
+
+@register_scaled_op(lax.convert_element_type_p)
+def convert_element_type(x: ScaledArray, *, new_dtype: Any, **params: Any) -> Any:
+    """Cast. To a float dtype: the data is cast and the scale kept (this is how a
+    ScaledArray moves between float32, float16 and float8 without changing its
+    magnitude); finite data beyond a format without infinities (float8 E4M3FN) saturates
+    at its largest value instead of becoming NaN. To an integer dtype: the value is
+    unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain)."""
+    new = np.dtype(new_dtype)
+    if is_float_dtype(new):
+        d = x.data
+        if not _has_inf(new) and _has_inf(x.dtype):
+            m = np.asarray(jnp.finfo(new).max, np.float64)
+            if m < float(jnp.finfo(x.dtype).max):
+                m = jnp.asarray(m, d.dtype)
+                d = jnp.where(jnp.isinf(d), d, jnp.clip(d, -m, m))
+        data = lax.convert_element_type_p.bind(d, new_dtype=new_dtype, **params)
+        return ScaledArray(data, x.scale)
+    if new == np.dtype(bool):
+        return lax.convert_element_type_p.bind(x.data, new_dtype=new_dtype, **params)
+    return lax.convert_element_type_p.bind(_value(x), new_dtype=new_dtype, **params)
+
+
+@register_scaled_op(lax.reduce_precision_p)
+def reduce_precision(x: ScaledArray, **params: Any) -> ScaledArray:
+    """Simulated cast applied to the data, scale kept: the mantissa is rounded as for
+    the value (the scale is a power of two) and the exponent range is that of the
+    *data*, which is what a real cast of a ScaledArray would see."""
+    return ScaledArray(lax.reduce_precision_p.bind(x.data, **params), x.scale)
+
+
+@register_scaled_op(lax.stop_gradient_p)
+def stop_gradient(x: ScaledArray, **params: Any) -> ScaledArray:
+    """``stop_gradient`` of data and scale: same value, same scale, no gradient."""
+    s = x.scale if is_static(x.scale) else lax.stop_gradient(x.scale)
+    return ScaledArray(lax.stop_gradient(x.data), s)
