@@ -406,6 +406,11 @@ lt = _comparison(lax.lt_p)
 le = _comparison(lax.le_p)
 gt = _comparison(lax.gt_p)
 ge = _comparison(lax.ge_p)
+# Total-order comparisons (-0 < +0, NaNs ordered): aligning by a power of two keeps signs,
+# zeros and NaNs, so the same rule holds.
+eq_to = _comparison(jax_primitives.eq_to_p)
+le_to = _comparison(jax_primitives.le_to_p)
+lt_to = _comparison(jax_primitives.lt_to_p)
 
 
 @register_scaled_op(lax.is_finite_p)

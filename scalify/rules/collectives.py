@@ -1,0 +1,1 @@
+"""Scaled rules of collective primitives (shard_map / pmap)."""
