@@ -137,9 +137,14 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
             raise
         return list(out) if eqn.primitive.multiple_results else [out]
     if invals and _is_foldable(eqn, invals):
-        with jax.ensure_compile_time_eval():
-            outs = _bind(eqn, invals)
-        return [_to_static(o) for o in outs]
+        try:
+            with jax.ensure_compile_time_eval():
+                outs = _bind(eqn, invals)
+            return [_to_static(o) for o in outs]
+        except Exception:
+            # Some primitives cannot run outside their trace context (collectives such
+            # as `pvary` of a literal need the enclosing shard_map): bind them as usual.
+            pass
     return _bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
 
 
@@ -199,12 +204,21 @@ def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any) -> List[Any]:
 
 def _abstract(x: Any) -> Any:
     if isinstance(x, ScaledArray):
+        if isinstance(x.data, jax.Array):
+            # Keep the array's type, as for a plain array argument: its sharding (in
+            # explicit-sharding meshes) and, inside `shard_map`, the mesh axes over
+            # which it varies, which decide the collectives JAX traces (psum of a
+            # varying value, or pvary + psum of a replicated one).
+            return _jax_compat.strong_aval(x.data)
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
     return x
 
 
 def _is_array_leaf(x: Any) -> bool:
-    return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+    """Arrays are traced. Python numbers and other objects are static, as with
+    `eqx.filter_jit`: a model's ``inference: bool`` flag stays a Python bool, and a
+    constant such as a learning rate folds into the scale arithmetic at trace time."""
+    return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic))
 
 
 def _check_scaled_leaf(x: ScaledArray) -> None:
@@ -246,7 +260,7 @@ def scalify(fun: Callable) -> Callable:
         for leaf in leaves:
             if isinstance(leaf, ScaledArray):
                 _check_scaled_leaf(leaf)
-        # Array leaves are traced; other leaves (functions, strings, module config of
+        # Array leaves are traced; other leaves (numbers, functions, module config of
         # Equinox models...) are static, closed over like `eqx.filter_jit` does.
         is_dynamic = [_is_array_leaf(x) for x in leaves]
         dynamic = [x for x, d in zip(leaves, is_dynamic) if d]
