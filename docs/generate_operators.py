@@ -33,21 +33,18 @@ NOT_FLOAT = {
 
 # Why a float-relevant primitive has no rule (kept short; the error names it at runtime).
 REASONS = {
-    "cholesky": "linear-algebra decompositions: convert with `scalify.asarray` first",
-    "eig": "linear-algebra decompositions", "eigh": "linear-algebra decompositions",
-    "lu": "linear-algebra decompositions", "qr": "linear-algebra decompositions",
-    "svd": "linear-algebra decompositions", "schur": "linear-algebra decompositions",
-    "hessenberg": "linear-algebra decompositions", "householder_product": "linear algebra",
-    "triangular_solve": "linear solves", "tridiagonal": "linear algebra",
-    "tridiagonal_solve": "linear solves", "linear_solve": "linear solves",
-    "fft": "FFTs (complex)", "psum": "collectives (next milestone)", "pmax": "collectives",
-    "pmin": "collectives", "all_gather": "collectives", "all_to_all": "collectives",
-    "ppermute": "collectives", "ragged_all_to_all": "collectives",
-    "igamma": "special functions of two arguments", "igammac": "special functions",
-    "igamma_grad_a": "special functions", "random_gamma": "random sampling of floats",
-    "regularized_incomplete_beta": "special functions", "polygamma": "special functions",
-    "zeta": "special functions", "bessel_i0e": "special functions", "bessel_i1e": "special functions",
-    "rng_uniform": "random sampling of floats", "approx_top_k": "approximate top-k",
+    "eig": "complex eigenvalues and eigenvectors: ScaledArray data are real floats",
+    "lu": "the packed result mixes the unit-lower factor L (scale-free) and U (at the"
+          " input's scale): no single scale holds both over the range scalify promises;"
+          " use `cholesky`/`qr` or `scalify.asarray` first",
+    "hessenberg": "the packed result mixes H (at the input's scale) and scale-free"
+                  " Householder reflectors: no single scale holds both",
+    "tridiagonal": "the packed result mixes the tridiagonal part (at the input's scale)"
+                   " and scale-free Householder reflectors: no single scale holds both",
+    "fft": "FFTs (complex)",
+    "random_gamma": "random sampling: its float operand (the gamma shape) is a"
+                    " distribution parameter, not a tensor to scale; pass it as a plain array",
+    "rng_uniform": "XLA's stateful RngUniform, which `jax.random` does not use",
     "custom_lin": "internal to autodiff; never in a traced jaxpr",
 }
 

@@ -87,3 +87,41 @@ def equation_context(eqn: Any) -> Any:
             yield
 
     return manager()
+
+
+def internal_primitive(module: str, name: str) -> Any:
+    """The primitive ``jax._src.<module>.<name>``, or None when this JAX release has no
+    such name. For primitives JAX does not export publicly but that scalify gives a rule:
+    ``shard_map`` itself and the collectives that only appear inside it
+    (``psum_invariant``, ``pvary``, ``reduce_scatter``, ...)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"jax._src.{module}"), name)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX release
+        return None
+
+
+def varying_axes(x: Any) -> Any:
+    """The manual mesh axes over which ``x`` varies inside ``shard_map`` (its type's
+    "varying manual axes", tracked when ``check_vma=True``) as a frozenset; empty when
+    JAX does not track them (``check_vma=False``, outside shard_map); None when unknown."""
+    try:
+        aval = jax.typeof(x)
+    except Exception:  # pragma: no cover - not an array
+        return None
+    mat = getattr(aval, "mat", None)  # jax >= 0.9: ManualAxisType(varying=...)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    vma = getattr(aval, "vma", None)  # older releases
+    return None if vma is None else frozenset(vma)
+
+
+def strong_aval(x: Any) -> Any:
+    """The abstract value of an array or tracer (shape, dtype, sharding and the varying manual
+    axes of ``shard_map``), not weakly typed: what `jax.make_jaxpr` should trace with
+    for a ScaledArray's traced data."""
+    aval = jax.typeof(x)
+    if getattr(aval, "weak_type", False):
+        aval = aval.update(weak_type=False)
+    return aval

@@ -167,7 +167,14 @@ def unit_scale(x: Any) -> jax.Array:
     from scalify.core.pow2 import pow2_round_down
 
     x32 = jnp.asarray(x).astype(compute_dtype(jnp.asarray(x).dtype))
-    rms = jnp.sqrt(jnp.mean(jnp.square(x32))) if x32.size else jnp.float32(0)
+    if x32.size:
+        # Normalise by the power of two below the largest magnitude first (exact), so
+        # that squares of values near 1e-24 or 1e24 neither underflow nor overflow.
+        amax = jnp.max(jnp.abs(x32))
+        norm = jnp.where((amax > 0) & jnp.isfinite(amax), pow2_round_down(amax), 1).astype(x32.dtype)
+        rms = norm * jnp.sqrt(jnp.mean(jnp.square(x32 / norm)))
+    else:
+        rms = jnp.float32(0)
     rms = rms.astype(np.float32)
     ok = (rms > np.finfo(np.float32).tiny) & jnp.isfinite(rms)
     return jax.lax.stop_gradient(jnp.where(ok, pow2_round_down(jnp.where(ok, rms, 1.0)), 1.0))

@@ -435,3 +435,130 @@ def select_and_gather_add(tangents: Any, operand: Any, **params: Any) -> ScaledA
     dtype = _dtype(tangents)
     out = lax.select_and_gather_add_p.bind(in_scale(tangents, s, dtype), _data(operand), **params)
     return ScaledArray(out, s)
+
+
+# --- generic reductions with a user computation ------------------------------------------
+#
+# `reduce` (``lax.reduce`` with a computation that is not a plain sum/max/min/...,
+# and multi-operand reductions such as value-index pairs) and `select_and_scatter`
+# (``select``/``scatter`` computations) carry arbitrary scalar code, which may mix
+# operands in any non-linear way: no scale rule can be derived from it. Both rules
+# therefore run it on the *unscaled values* in float32 (range of the float32
+# reference) and give each float result a *fresh* scale measured from the result: the
+# power of two below its root-mean-square (`unit_scale`, as `as_scaled_array`), so the
+# output data start near unit variance whatever the computation did. This costs one
+# small reduction over the (already reduced) output.
+
+from jax.extend.core import Jaxpr, Literal  # noqa: E402
+from jax.extend.core import primitives as _P  # noqa: E402
+
+from scalify.core.datatype import unit_scale  # noqa: E402
+
+# Call-like primitives whose body a widened computation inlines.
+_CALLS = {_P.jit_p: "jaxpr", _P.closed_call_p: "call_jaxpr", _P.call_p: "call_jaxpr",
+          _P.custom_jvp_call_p: "call_jaxpr", _P.custom_vjp_call_p: "call_jaxpr"}
+
+
+def _widen(x: Any) -> Any:
+    """A narrow float (float16, bfloat16, float8) value as float32; others unchanged."""
+    dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+    if is_float_dtype(dtype) and dtype.itemsize < 4:
+        return x.astype(np.float32) if hasattr(x, "astype") else np.float32(x)
+    return x
+
+
+def _widened(jaxpr: Jaxpr, consts: Sequence[Any]) -> Any:
+    """``jaxpr`` (a scalar computation) as a function computing every float value in
+    float32 or wider: narrow float inputs, literals and constants are widened,
+    casts to narrow floats become casts to float32, and nested calls are inlined."""
+
+    def run(j: Jaxpr, cs: Sequence[Any], *args: Any) -> List[Any]:
+        env: dict = {}
+
+        def read(v: Any) -> Any:
+            return _widen(np.asarray(v.val, v.aval.dtype) if isinstance(v, Literal) else env[v])
+
+        for v, c in zip(j.constvars, cs):
+            env[v] = c
+        for v, a in zip(j.invars, args):
+            env[v] = a
+        for eqn in j.eqns:
+            invals = [read(v) for v in eqn.invars]
+            body = eqn.params.get(_CALLS.get(eqn.primitive, ""), None)
+            if body is not None:
+                if isinstance(body, Jaxpr):
+                    outs = run(body, (), *invals)
+                else:
+                    outs = run(body.jaxpr, body.consts, *invals)
+            else:
+                params = dict(eqn.params)
+                new = params.get("new_dtype")
+                if new is not None and is_float_dtype(new) and np.dtype(new).itemsize < 4:
+                    params["new_dtype"] = np.dtype(np.float32)
+                out = eqn.primitive.bind(*invals, **params)
+                outs = out if eqn.primitive.multiple_results else [out]
+            for v, o in zip(eqn.outvars, outs):
+                if not type(v).__name__ == "DropVar":
+                    env[v] = o
+        return [read(v) for v in j.outvars]
+
+    def fn(*args: Any) -> List[Any]:
+        return run(jaxpr, consts, *args)
+
+    return fn
+
+
+def _as_value(x: Any) -> Any:
+    """A float operand's unscaled value in the compute dtype; integer operands as they are."""
+    if is_float_dtype(_dtype(x)):
+        return in_scale(x, one(), compute_dtype(_dtype(x)))
+    return as_jax(x)
+
+
+def _fresh(value: Any, dtype: Any) -> ScaledArray:
+    """``value`` (float32) as a ScaledArray of ``dtype`` data at a fresh scale: the power
+    of two below its root-mean-square (`unit_scale`)."""
+    s = unit_scale(value).astype(scale_dtype())
+    return ScaledArray((value / s.astype(value.dtype)).astype(dtype), s)
+
+
+@register_scaled_op(lax.reduce_p)
+def reduce(*operands: Any, computation: Any, jaxpr: Any, dimensions: Any, **params: Any) -> List[Any]:
+    """Generic `lax.reduce` (a custom computation, or several operands reduced together,
+    e.g. value-index pairs): the computation runs on the unscaled values in float32 and
+    each float result of a scaled operand gets a fresh scale (the power of two below its
+    RMS); plain float operands give plain results, integer ones stay integers."""
+    n = len(operands) // 2
+    vals = [_as_value(v) for v in operands]
+    fn = _widened(jaxpr.jaxpr, jaxpr.consts)
+    scalars = [jax.ShapeDtypeStruct((), v.dtype) for v in vals[:n]] * 2
+    closed = jax.make_jaxpr(fn)(*scalars)
+    outs = lax.reduce_p.bind(*vals, computation=fn, jaxpr=closed, dimensions=dimensions, **params)
+    results = []
+    for x, init, o in zip(operands[:n], operands[n:], outs):
+        dtype = _dtype(x)
+        if isinstance(x, ScaledArray) or isinstance(init, ScaledArray):
+            results.append(_fresh(o, dtype))
+        else:
+            results.append(o.astype(dtype))
+    return results
+
+
+@register_scaled_op(lax.select_and_scatter_p)
+def select_and_scatter(operand: Any, source: Any, init_value: Any, *, select_jaxpr: Any,
+                       select_consts: Any, scatter_jaxpr: Any, scatter_consts: Any,
+                       **params: Any) -> ScaledArray:
+    """Generic ``select_and_scatter`` (custom ``select`` and ``scatter``
+    computations; max-pooling gradients use `select_and_scatter_add`): both run on the
+    unscaled values of ``operand``, ``source`` and ``init_value`` in float32, and the
+    result gets a fresh scale (the power of two below its RMS)."""
+    dtype = _dtype(operand if not is_static(operand) else source)
+    vals = [_as_value(v) for v in (operand, source, init_value)]
+    scalar = jax.ShapeDtypeStruct((), vals[0].dtype)
+    sel = jax.make_jaxpr(_widened(select_jaxpr, select_consts))(scalar, scalar)
+    sca = jax.make_jaxpr(_widened(scatter_jaxpr, scatter_consts))(scalar, scalar)
+    out = lax.select_and_scatter_p.bind(
+        *vals, select_jaxpr=sel.jaxpr, select_consts=tuple(sel.consts),
+        scatter_jaxpr=sca.jaxpr, scatter_consts=tuple(sca.consts), **params
+    )
+    return _fresh(out, dtype)

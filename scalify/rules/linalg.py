@@ -13,7 +13,7 @@ with float32 accumulation, which XLA lowers to an FP8 GEMM on hardware that has 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +23,12 @@ from scalify.core.datatype import ScaledArray
 from scalify.core.operands import as_jax, promote, scale_dtype
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
+
+# Used by the solver/decomposition rules at the end of this module.
+from jax.extend.core import primitives as _P  # noqa: E402
+from scalify.core.interpreter import eval_closed_jaxpr  # noqa: E402
+from scalify.core.operands import common_scale, compute_dtype, in_scale, one  # noqa: E402
+from scalify.core.pow2 import is_static  # noqa: E402
 
 
 def _accumulation_dtype(*dtypes: Any) -> np.dtype:
@@ -199,4 +205,203 @@ __all__ = [
     "fan_in_factor",
     "dot_general",
     "conv_general_dilated",
+]
+
+
+# --- solvers and decompositions ------------------------------------------------------------
+#
+# Decompositions of a scaled matrix ``A = s * D`` are decompositions of its data ``D``
+# with the scale moved to the factor that is linear in ``A``: ``QR(sD) = Q (sR)``,
+# ``svd(sD) = U (sS) V^T``, ``eigh(sD) = V diag(sW) V^T``, ``schur(sD) = Z (sT) Z^T``,
+# ``cholesky(sD) = sqrt(s) chol(D)``; orthogonal factors keep unit scale (their
+# entries are at most 1 in magnitude). Solves divide scales: ``(sa A)^-1 (sb b) =
+# (sb / sa) A^-1 b``. XLA's CPU decompositions work in float32 and wider, so data
+# narrower than float32 are widened (exact), decomposed, and each output rounded once
+# to the data dtype. Every scale is a product or ratio of the inputs' powers of two
+# (clamped to float32's normal range, the excess going into the data), or the power of
+# two of a square root.
+
+
+def _data32(x: ScaledArray) -> Any:
+    """The data widened to the compute dtype (float32, or float64 for float64 data)."""
+    return as_jax(x.data).astype(compute_dtype(x.dtype))
+
+
+def _scale_ratio(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
+    """``a / b`` as ``(scale, residual)``: the scale clamped to the normal float32 range
+    (so it stays a finite power of two) and ``residual = a / b / scale`` (None when
+    exactly 1) to multiply into the data. NumPy when both scales are static."""
+    fi = np.finfo(scale_dtype())
+    lo, hi = float(fi.tiny), float(2.0 ** (fi.maxexp - 1))
+    if is_static(a) and is_static(b):
+        p = float(a) / float(b)
+        s = min(max(p, lo), hi)
+        return np.asarray(s, scale_dtype()), (None if s == p else np.float32(p / s))
+    a = jnp.asarray(a, scale_dtype())
+    b = jnp.asarray(b, scale_dtype())
+    p = a / b
+    s = jnp.clip(p, lo, hi)
+    r = jnp.where(p == s, jnp.ones_like(s), (a / s) / b)
+    return s, r
+
+
+def _times_residual(x: Any, r: Optional[Any]) -> Any:
+    return x if r is None else x * jnp.asarray(r, x.dtype)
+
+
+@register_scaled_op(lax.linalg.triangular_solve_p)
+def triangular_solve(a: Any, b: Any, *, unit_diagonal: bool = False, **params: Any) -> ScaledArray:
+    """``x = op(A)^-1 b`` (or ``b op(A)^-1``) at scale ``sb / sa``: the solve of the data
+    (widened to float32) is exact algebra, ``(sa A)^-1 (sb b) = (sb/sa) A^-1 b``. With
+    ``unit_diagonal`` the diagonal is 1 in *value*, not in data, so ``A``'s unscaled
+    values are used in float32 and ``x`` keeps ``b``'s scale ``sb``. Every parameter
+    (side, lower, transpose, conjugate) is forwarded."""
+    a, b = promote(a), promote(b)
+    db = _data32(b)
+    if unit_diagonal:
+        da = in_scale(a, one(), db.dtype)
+        scale, r = b.scale, None
+    else:
+        da = _data32(a)
+        scale, r = _scale_ratio(b.scale, a.scale)
+    x = lax.linalg.triangular_solve_p.bind(da, db, unit_diagonal=unit_diagonal, **params)
+    return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
+
+
+def _pow2_sqrt(s: Any) -> Any:
+    """``pow2(sqrt(s))`` of a positive scale, exact for powers of two: with
+    ``s = m * 2**k`` (``m`` in [1, 2)), ``sqrt(s) = sqrt(m * 2**(k % 2)) * 2**(k // 2)``,
+    so only a number in [1, 2.9) goes through ``sqrt`` (whose device implementation
+    may round ``sqrt(2**-40)`` just below ``2**-20``). NumPy for a static scale."""
+    mod = np if is_static(s) else jnp
+    m, e = mod.frexp(mod.asarray(s, scale_dtype()))  # s = m * 2**e, m in [0.5, 1)
+    k = e - 1
+    half = k // 2
+    t = mod.sqrt(2 * m * mod.where(k - 2 * half == 1, 2, 1).astype(m.dtype))
+    return mod.ldexp(pow2_round(t), half).astype(scale_dtype())
+
+
+@register_scaled_op(lax.linalg.cholesky_p)
+def cholesky(a: Any, **params: Any) -> ScaledArray:
+    """``chol(A)`` at scale ``p = pow2(sqrt(sa))``, as ``sqrt``: ``chol(sa D) =
+    sqrt(sa) chol(D)``, so the data are ``chol(D * sa / p**2)`` (``sa / p**2`` is 1 or 2
+    for a power-of-two ``sa``), computed in float32 and rounded once."""
+    a = promote(a)
+    s = a.scale
+    p = _pow2_sqrt(s)
+    r = (s / p) / p
+    d = _data32(a) * (r if is_static(r) else jnp.asarray(r, compute_dtype(a.dtype)))
+    out = lax.linalg.cholesky_p.bind(d.astype(compute_dtype(a.dtype)), **params)
+    return ScaledArray(_cast(out, a.dtype), p)
+
+
+def _factors(a: ScaledArray, outs: Sequence[Any], scaled: Sequence[bool]) -> List[Any]:
+    """Outputs of a decomposition of ``a``'s data as ScaledArrays: float outputs at
+    ``a``'s scale where ``scaled``, at scale 1 otherwise (orthogonal factors); integer
+    outputs (pivots, permutations) plain."""
+    res = []
+    for o, sc in zip(outs, scaled):
+        if not jnp.issubdtype(o.dtype, jnp.floating):
+            res.append(o)
+        else:
+            res.append(ScaledArray(_cast(o, a.dtype), a.scale if sc else one()))
+    return res
+
+
+@register_scaled_op(lax.linalg.qr_p)
+def qr(a: Any, **params: Any) -> List[Any]:
+    """``A = Q R``: ``Q`` (orthogonal) at scale 1 and ``R`` at ``A``'s scale, since
+    ``QR(s D) = Q (s R_D)``; the decomposition of the data runs in float32. Column
+    pivots (``pivoting=True``) are plain integers."""
+    a = promote(a)
+    outs = lax.linalg.qr_p.bind(_data32(a), **params)
+    return _factors(a, outs, [False, True, False])
+
+
+@register_scaled_op(lax.linalg.svd_p)
+def svd(a: Any, **params: Any) -> List[Any]:
+    """``A = U diag(S) V^T``: singular values ``S`` at ``A``'s scale, ``U`` and ``V^T``
+    (orthogonal) at scale 1, since ``svd(s D) = U (s S_D) V^T``; computed on the data in
+    float32."""
+    a = promote(a)
+    outs = lax.linalg.svd_p.bind(_data32(a), **params)
+    return _factors(a, outs, [True] + [False] * (len(outs) - 1))
+
+
+@register_scaled_op(lax.linalg.eigh_p)
+def eigh(a: Any, **params: Any) -> List[Any]:
+    """Symmetric eigendecomposition ``A = V diag(W) V^T``: eigenvalues ``W`` at ``A``'s
+    scale and eigenvectors ``V`` (orthonormal) at scale 1, since the eigenvectors of
+    ``s D`` are those of ``D`` with eigenvalues times ``s``; computed on the data in
+    float32."""
+    a = promote(a)
+    v, w = lax.linalg.eigh_p.bind(_data32(a), **params)
+    return _factors(a, [v, w], [False, True])
+
+
+@register_scaled_op(lax.linalg.schur_p)
+def schur(a: Any, **params: Any) -> List[Any]:
+    """Real Schur form ``A = Z T Z^T``: ``T`` at ``A``'s scale and the Schur vectors
+    ``Z`` (orthogonal) at scale 1, since ``schur(s D) = Z (s T_D) Z^T``; computed on the
+    data in float32 (XLA implements it on CPU only)."""
+    a = promote(a)
+    outs = lax.linalg.schur_p.bind(_data32(a), **params)
+    return _factors(a, outs, [True] + [False] * (len(outs) - 1))
+
+
+@register_scaled_op(lax.linalg.householder_product_p)
+def householder_product(a: Any, taus: Any, **params: Any) -> ScaledArray:
+    """The orthogonal matrix ``Q`` of Householder reflectors ``(a, taus)`` (as returned
+    by a QR or Hessenberg factorization). Reflectors are scale-free by construction (unit
+    leading entry, ``tau`` in [1, 2]), so they are read as values in float32 and ``Q``,
+    orthogonal, has scale 1."""
+    dtype = np.dtype(a.dtype)
+    cd = compute_dtype(dtype)
+    out = lax.linalg.householder_product_p.bind(
+        in_scale(a, one(), cd), in_scale(taus, one(), cd), **params
+    )
+    return ScaledArray(_cast(out, dtype), one())
+
+
+@register_scaled_op(lax.linalg.tridiagonal_solve_p)
+def tridiagonal_solve(dl: Any, d: Any, du: Any, b: Any, **params: Any) -> ScaledArray:
+    """Solve ``T x = b`` for a tridiagonal ``T`` given by its three diagonals: the
+    diagonals are one matrix, so they are aligned to their largest scale ``st``
+    (scale-free ones, e.g. zeros, adopt it) in float32; ``x`` has scale ``sb / st``
+    (``(st T)^-1 (sb b) = (sb/st) T^-1 b``)."""
+    b = promote(b)
+    st = common_scale(dl, d, du)
+    cd = compute_dtype(b.dtype)
+    diags = [in_scale(v, st, cd) for v in (dl, d, du)]
+    scale, r = _scale_ratio(b.scale, st)
+    x = lax.linalg.tridiagonal_solve_p.bind(*diags, _data32(b), **params)
+    return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
+
+
+@register_scaled_op(_P.linear_solve_p)
+def custom_linear_solve(*operands: Any, const_lengths: Any, jaxprs: Any, **params: Any) -> List[Any]:
+    """`lax.custom_linear_solve` (``jnp.linalg.solve`` and ``jax.scipy`` solvers, CG,
+    GMRES...): its value is ``solve(matvec, b)``, so the scalified ``solve`` jaxpr is
+    run on the right-hand side (each operation inside with its own rule). When `jax.grad`
+    runs inside ``scalify`` the jaxpr already holds the transposed solves; when
+    ``scalify(f)`` is differentiated from outside, JAX differentiates the solver's
+    operations (exact for direct solvers; use `jax.grad` inside ``scalify`` for
+    iterative solvers built on ``while_loop``)."""
+    fields = list(const_lengths._fields)
+    offset = sum(getattr(const_lengths, f) for f in fields[: fields.index("solve")])
+    n_consts = sum(getattr(const_lengths, f) for f in fields)
+    solve_consts = operands[offset: offset + const_lengths.solve]
+    return eval_closed_jaxpr(jaxprs.solve, *solve_consts, *operands[n_consts:])
+
+
+__all__ += [
+    "triangular_solve",
+    "cholesky",
+    "qr",
+    "svd",
+    "eigh",
+    "schur",
+    "householder_product",
+    "tridiagonal_solve",
+    "custom_linear_solve",
 ]
