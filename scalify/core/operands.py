@@ -102,12 +102,6 @@ def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
         if is_scale_free(x):
             return _full(np.shape(x), c, dtype)
         v = xnp(scale).asarray(c, scale_dtype()) / scale
-        if is_float_dtype(xdtype):
-            # A constant beyond its format's range at this scale saturates rather than
-            # becoming inf: `where(mask, x, finfo.min)` stays a huge finite fill, and a
-            # fully masked softmax row stays uniform instead of NaN.
-            big = np.asarray(jnp.finfo(xdtype).max, scale_dtype())
-            v = xnp(v).clip(v, -big, big)
         return _full(np.shape(x), v, dtype)
     if is_static(scale) and scale == 1:
         return _astype(x, dtype)
@@ -145,17 +139,30 @@ def _full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
     return jax.lax.broadcast(jnp.asarray(value).astype(dtype), tuple(shape))
 
 
-def common_scale(*xs: Any) -> Any:
-    """The scale operands are aligned to (select, concatenate, max/min, clamp, scatter):
-    the largest scale among the traced operands.
+def _headroom(dtype: Any) -> np.ndarray:
+    """``2**-H`` with H half the exponent range of ``dtype`` (8 for float16, 64 for
+    float32 and bfloat16, 4 for float8 E4M3)."""
+    h = int(np.log2(float(jnp.finfo(dtype).max))) // 2
+    return np.asarray(2.0**-h, scale_dtype())
 
-    Static constants are ignored when any operand is traced: they are expressed in that
-    scale (saturating at their format's maximum, see `in_scale`). Otherwise a fill like
-    ``finfo.min`` in an attention mask (scale 2**127) would push the real operand's data
-    into the subnormals. Scale-free constants never count; 1 if nothing does.
+
+def common_scale(*xs: Any) -> Any:
+    """The scale operands are aligned to (select, concatenate, max/min, clamp, scatter).
+
+    Traced operands (ScaledArrays, plain arrays) count with their scale; the largest
+    wins. A static constant only needs the scale to be large enough to hold it with
+    headroom: ``pow2(|c|) * 2**-H`` (`_headroom`), so a mask fill of ``finfo.min``
+    (2**127 in float32) is held exactly as a large data value instead of dragging the
+    other operands' data into the subnormals, and ``max(x, 1)`` on tiny ``x`` stays
+    exact. Scale-free constants (0, +-inf, NaN) never count; 1 if nothing does.
     """
-    traced = [x for x in xs if not is_static(x)]
-    scales = [s for s in (scale_of(x) for x in (traced or xs)) if s is not None]
+    scales = []
+    for x in xs:
+        sx = scale_of(x)
+        if sx is not None and is_static(x):
+            sx = sx * _headroom(np.asarray(x).dtype)
+        if sx is not None:
+            scales.append(sx)
     if not scales:
         return one()
     out = scales[0]

@@ -24,6 +24,8 @@ def _train(mode: str):
     train_ids, _ = data.load_corpus(max_chars=200_000)
     params = gpt.init_params(jax.random.PRNGKey(0), cfg)
     opt = optax.adam(3e-3)
+    if mode == "scalify-float16":  # float16 optimizer state, kept in range by its scales
+        opt = sfy.optim.scaled_state(opt, dtype=jnp.float16)
     state = opt.init(params)
 
     def step(params, state, tokens):
@@ -37,7 +39,7 @@ def _train(mode: str):
     elif mode == "float16":
         params, state, fn = cast(params), cast(state), jax.jit(step)
     else:
-        params, state = sfy.as_scaled_array(cast(params)), sfy.as_scaled_array(cast(state))
+        params = sfy.as_scaled_array(params, dtype=jnp.float16)
         fn = jax.jit(sfy.scalify(step))
     losses = []
     it = data.batches(train_ids, 16, cfg.seq_len, seed=0)
