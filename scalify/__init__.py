@@ -5,7 +5,7 @@
 in float16 or float8 while the scale carries the magnitude.
 """
 from scalify import rules as _rules  # noqa: F401  (registers the scaled rules)
-from scalify import checkpoint, lax, ops, optim, telemetry, tree  # noqa: F401
+from scalify import checkpoint, fp8, lax, ops, optim, telemetry, tree  # noqa: F401
 from scalify.core import (
     Pow2RoundMode,
     ScaledArray,

@@ -1,0 +1,130 @@
+"""Overhead of scalify: trace, compile and run time of `jit(scalify(step))` vs `jit(step)`.
+
+    python benchmarks/overhead.py [--repeats 50] [--dtype float32 float16] [--out PATH]
+
+For each model (a 784-512-512-10 MLP SGD step at batch 128, and a small GPT training step
+with `lax.scan` over layers) and each data dtype, both versions are measured side by side
+in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`), lower+compile
+and steady-state run (median over repeats). Results go to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import scalify as sfy  # noqa: E402
+import gpt  # noqa: E402
+
+
+def mlp_case(dtype: Any):
+    sizes = (784, 512, 512, 10)
+    key = jax.random.PRNGKey(0)
+    params = []
+    for k, (a, b) in zip(jax.random.split(key, 3), zip(sizes[:-1], sizes[1:])):
+        params.append({"w": (jax.random.normal(k, (a, b)) / np.sqrt(a)).astype(dtype),
+                       "b": jnp.zeros((b,), dtype)})
+    x = jax.random.normal(jax.random.PRNGKey(1), (128, 784)).astype(dtype)
+    y = jax.random.randint(jax.random.PRNGKey(2), (128,), 0, 10)
+
+    def loss(params, x, y):
+        h = x
+        for layer in params[:-1]:
+            h = jax.nn.relu(h @ layer["w"] + layer["b"])
+        logits = h @ params[-1]["w"] + params[-1]["b"]
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    def step(params, x, y):
+        l, g = jax.value_and_grad(loss)(params, x, y)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, g), l
+
+    return step, (params, x, y), (sfy.as_scaled_array(params), sfy.as_scaled_array(x), y)
+
+
+def gpt_case(dtype: Any):
+    cfg = gpt.PRESETS["small"]
+    params = jax.tree.map(lambda p: p.astype(dtype), gpt.init_params(jax.random.PRNGKey(0), cfg))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (16, cfg.seq_len + 1), 0, cfg.vocab)
+
+    def step(params, tokens):
+        l, g = jax.value_and_grad(gpt.loss_fn)(params, tokens[:, :-1], tokens[:, 1:], cfg)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, g), l
+
+    return step, (params, tokens), (sfy.as_scaled_array(params), tokens)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
+def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int) -> Dict[str, Any]:
+    variants = {"jax": (step, plain_args), "scalify": (sfy.scalify(step), scaled_args)}
+    res: Dict[str, Dict[str, List[float]]] = {k: {"trace": [], "compile": [], "run": []} for k in variants}
+    compiled = {}
+    for _ in range(3):  # trace/compile from scratch a few times, interleaved
+        for name, (fn, args) in variants.items():
+            jax.clear_caches()  # no compilation-cache hits: measure real work
+            jitted = jax.jit(fn)
+            t0 = time.perf_counter()
+            traced = jitted.trace(*args)
+            t1 = time.perf_counter()
+            compiled[name] = traced.lower().compile()
+            t2 = time.perf_counter()
+            res[name]["trace"].append(t1 - t0)
+            res[name]["compile"].append(t2 - t1)
+    for name, (fn, args) in variants.items():  # warm up
+        for _ in range(3):
+            _timed(lambda: compiled[name](*args))
+    for _ in range(repeats):
+        for name, (fn, args) in variants.items():
+            res[name]["run"].append(_timed(lambda: compiled[name](*args)))
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
+    ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
+    return {"median_s": med, "ratio": ratios}
+
+
+def main(argv: Any = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "gpt"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
+    args = parser.parse_args(argv)
+    cases = {"mlp": mlp_case, "gpt": gpt_case}
+    results = {"device": f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores)",
+               "jax": jax.__version__, "cases": {}}
+    print(f"device: {results['device']}, jax {jax.__version__}")
+    print(f"{'case':<16}{'trace':>10}{'compile':>10}{'run':>10}   (scalify / jax, median)")
+    for model in args.models:
+        for dt in args.dtype:
+            step, plain, scaled = cases[model](jnp.dtype(dt))
+            r = measure(step, plain, scaled, args.repeats)
+            name = f"{model}-{dt}"
+            results["cases"][name] = r
+            q = r["ratio"]
+            print(f"{name:<16}{q['trace']:>9.2f}x{q['compile']:>9.2f}x{q['run']:>9.2f}x"
+                  f"   run {r['median_s']['jax']['run'] * 1e3:.2f} ms vs {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
