@@ -23,6 +23,7 @@ per equation: use it for diagnosis runs, not for benchmarks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import threading
 from typing import Any, Dict, Iterator, List, Optional
@@ -86,7 +87,8 @@ class Capture:
             order = self._order
             self._order += 1
             name = f"{eqn.primitive.name} @ {where}"
-            jax.debug.callback(self._receive, name, order, _data_stats(data, scale))
+            # Name and order are static: bound into the callback, not passed as arrays.
+            jax.debug.callback(functools.partial(self._receive, name, order), _data_stats(data, scale))
 
     def _receive(self, name: str, order: int, stats: Dict[str, Any]) -> None:
         with self._lock:
