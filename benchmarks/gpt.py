@@ -7,7 +7,7 @@ with `jax.numpy` only so that `scalify` sees the everyday primitives of a real m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -76,28 +76,21 @@ def attention(x: Any, wqkv: Any, wo: Any, n_heads: int) -> Any:
     return jnp.einsum("btd,de->bte", out, wo)
 
 
-def forward(params: Dict[str, Any], tokens: Any, cfg: GPTConfig,
-            rescale_grad: Optional[Callable[[Any], Any]] = None) -> Any:
-    """Logits of ``tokens``. ``rescale_grad`` (identity by default) is applied to the
-    residual stream after each block and to the logits: an identity on values, e.g.
-    `scalify.ops.dynamic_rescale_l2_grad`, which renormalises the *gradient* there
-    under scalify (see benchmarks/train_gpt.py)."""
+def forward(params: Dict[str, Any], tokens: Any, cfg: GPTConfig) -> Any:
     T = tokens.shape[1]
     x = params["tok_emb"][tokens] + params["pos_emb"][:T]
-    hook = rescale_grad if rescale_grad is not None else (lambda v: v)
 
     def block(x, p):
         x = x + attention(layer_norm(x, p["ln1_g"], p["ln1_b"]), p["wqkv"], p["wo"], cfg.n_heads)
         h = jax.nn.gelu(jnp.einsum("btd,df->btf", layer_norm(x, p["ln2_g"], p["ln2_b"]), p["w1"]))
-        return hook(x + jnp.einsum("btf,fd->btd", h, p["w2"])), None
+        return x + jnp.einsum("btf,fd->btd", h, p["w2"]), None
 
     x, _ = jax.lax.scan(block, x, params["blocks"])
     x = layer_norm(x, params["lnf_g"], params["lnf_b"])
-    return hook(jnp.einsum("btd,dv->btv", x, params["head"]))
+    return jnp.einsum("btd,dv->btv", x, params["head"])
 
 
-def loss_fn(params: Dict[str, Any], tokens: Any, targets: Any, cfg: GPTConfig,
-            rescale_grad: Optional[Callable[[Any], Any]] = None) -> Any:
+def loss_fn(params: Dict[str, Any], tokens: Any, targets: Any, cfg: GPTConfig) -> Any:
     """Mean next-token cross-entropy."""
-    logp = jax.nn.log_softmax(forward(params, tokens, cfg, rescale_grad), axis=-1)
+    logp = jax.nn.log_softmax(forward(params, tokens, cfg), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

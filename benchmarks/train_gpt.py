@@ -1,0 +1,553 @@
+"""Train a character-level GPT in float32, bfloat16, float16 and with scalify (float16, float8).
+
+    python benchmarks/train_gpt.py                        # default: small GPT, <= 5 min on 2 CPU cores
+    python benchmarks/train_gpt.py --preset gpt2-small    # GPT-2 small shapes, for a GPU
+    python benchmarks/train_gpt.py --quick                # a few steps of a tiny model (tests)
+    python benchmarks/train_gpt.py --data FILE            # any text file instead of the stdlib corpus
+
+The model is benchmarks/gpt.py (pre-LN blocks scanned with `lax.scan`, causal multi-head
+attention, GELU MLP, token/position embeddings); the corpus is the Python standard
+library's own source (benchmarks/data.py), split into train and held-out validation text.
+Every configuration starts from the same float32 initialisation, sees the same batches in
+the same order and is evaluated on the same fixed validation batches:
+
+  float32        plain JAX, float32 everything (the reference)
+  bfloat16       plain JAX, params, activations, gradients and Adam state in bfloat16
+  float16        plain JAX, the same in float16, no loss scaling: it fails (shown)
+  scalify-fp16   scalify: float16 ScaledArray params/activations/gradients, Adam state
+                 stored as float16 ScaledArrays (`scalify.optim.scaled_state`)
+  scalify-fp8    scalify-fp16 with every matmul in float8 (`scalify.fp8.autocast`:
+                 E4M3 forward, E5M2 gradients)
+
+The configurations step in lockstep (step i of each, then step i+1), so a load change on
+a shared machine hits them alike and step-time ratios stay meaningful. The script prints
+a progress bar, then a table (final train and validation loss, ratios to float32,
+optimizer-state bytes) and writes benchmarks/results/train_gpt.json, a loss-curve PNG and,
+from `scalify.telemetry` on the scalify-fp8 run, a PNG of per-tensor scales over training.
+
+The scalify recipe, beyond `jax.jit(sfy.scalify(step))` (both explained where they are
+used below): each matmul's output gradient is brought to unit RMS data by
+`sfy.fp8.autocast` (float8 casts for scalify-fp8, float16 ones -- no-ops -- for
+scalify-fp16), and the weights' data is brought back to unit RMS after each update
+(`sfy.ops.dynamic_rescale_l2`). Without them the gradients' data drifts far from 1 and
+float16 training breaks down (README, "Training recipe").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import scalify as sfy  # noqa: E402
+import scalify.fp8  # noqa: E402,F401
+import scalify.optim  # noqa: E402,F401
+import scalify.telemetry  # noqa: E402,F401
+
+import data  # noqa: E402
+import gpt  # noqa: E402
+import readme_tables  # noqa: E402
+
+CONFIGS = ("float32", "bfloat16", "float16", "scalify-fp16", "scalify-fp8")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Defaults per preset: model shape and training recipe. "default" is sized so that all five
+# configurations finish in <= 5 minutes of CPU time on 2 cores (compilation included).
+PRESETS = {
+    "default": dict(model=gpt.GPTConfig(seq_len=64, d_model=96, n_heads=4, n_layers=2),
+                    steps=300, batch=16, lr=3e-3, eval_every=50, eval_batches=4, eval_batch=32,
+                    tap_steps=0),
+    "quick": dict(model=gpt.GPTConfig(seq_len=16, d_model=32, n_heads=2, n_layers=1),
+                  steps=6, batch=4, lr=3e-3, eval_every=3, eval_batches=1, eval_batch=4, tap_steps=0),
+    "gpt2-small": dict(model=dataclasses.replace(gpt.PRESETS["gpt2-small"]),
+                       steps=2000, batch=16, lr=6e-4, eval_every=200, eval_batches=8, eval_batch=16,
+                       tap_steps=3),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Machine and sizes
+
+
+def machine_name() -> str:
+    """The accelerator, or the CPU model and core count."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{dev.device_kind} ({dev.platform}, jax {jax.__version__})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        cores = os.cpu_count()
+    return f"CPU: {model}, {cores} cores (jax {jax.__version__})"
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array leaf (a ScaledArray counts its data and its scale)."""
+    leaves = jax.tree.leaves(tree)
+    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in leaves))
+
+
+def as_float(x: Any) -> float:
+    return float(np.asarray(sfy.asarray(x, dtype=jnp.float32)))
+
+
+# --------------------------------------------------------------------------------------
+# One configuration: params, optimizer state, jitted train step and eval
+
+
+@dataclasses.dataclass
+class Trainer:
+    name: str
+    params: Any
+    state: Any
+    step: Callable  # (params, state, tokens) -> (params, state, loss[, grads])
+    evaluate: Callable  # (params, tokens) -> loss
+    returns_grads: bool = False
+    traced_step: Optional[Callable] = None  # builds a fresh jitted step (telemetry taps)
+
+
+def _cast_tree(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_trainer(name: str, cfg: gpt.GPTConfig, params32: Any, schedule: Any) -> Trainer:
+    """The training step of one configuration (see the module docstring)."""
+    inner = optax.adam(schedule)
+
+    def split(tokens: Any):
+        return tokens[:, :-1], tokens[:, 1:]
+
+    if name in ("float32", "bfloat16", "float16"):
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+        params = _cast_tree(params32, dtype)
+        loss_fn = functools.partial(gpt.loss_fn, cfg=cfg)
+
+        def step(params, state, tokens):
+            loss, grads = jax.value_and_grad(loss_fn)(params, *split(tokens))
+            updates, state = inner.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        return Trainer(name, params, inner.init(params), jax.jit(step),
+                       jax.jit(lambda p, t: loss_fn(p, *split(t))))
+
+    # scalify: float16 ScaledArray weights (data near unit RMS, `as_scaled_array` unit-scales
+    # each leaf) and Adam state stored as float16 ScaledArrays.
+    params = sfy.as_scaled_array(params32, dtype=jnp.float16)
+    opt = sfy.optim.scaled_state(inner, dtype=jnp.float16)
+    # Dynamic rescaling at every matmul: `sfy.fp8.autocast` brings the data of each matmul's
+    # output gradient to unit RMS (the norm moving into the power-of-two scale, one
+    # reduction) before its float8 cast; with float16 "casts" (no-ops on float16 data) it
+    # is that rescaling alone. Without it, scales propagated statically drift from the
+    # data's true magnitude in the backward pass: the loss is a mean, so its gradient
+    # enters as a plain 1/N and the gradients' data start ~N times below 1 (small entries
+    # flush to zero), and a per-block renormalisation instead lets the softmax backward
+    # multiply data far above 1 (peaked attention) until float16 overflows, after ~140
+    # steps of the default run (see README, "Training recipe").
+    loss_fn = functools.partial(gpt.loss_fn, cfg=cfg)
+    if name == "scalify-fp16":
+        loss_fn = sfy.fp8.autocast(loss_fn, fwd_dtype=jnp.float16, bwd_dtype=jnp.float16)
+    elif name == "scalify-fp8":
+        loss_fn = sfy.fp8.autocast(loss_fn)  # every matmul in float8: E4M3 fwd, E5M2 grads
+    else:
+        raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
+
+    def step(params, state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *split(tokens))
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        # Keep the weights' data at unit RMS: p + u takes the larger of the two scales, so
+        # an update with a loose scale (e.g. the exactly-zero first update of a warmup from
+        # lr = 0) would otherwise leave the weights' data far below 1 from then on.
+        params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)
+        return params, state, loss, grads
+
+    return Trainer(name, params, opt.init(params), jax.jit(sfy.scalify(step)),
+                   jax.jit(sfy.scalify(lambda p, t: loss_fn(p, *split(t)))), returns_grads=True,
+                   traced_step=lambda: jax.jit(sfy.scalify(step)))
+
+
+# --------------------------------------------------------------------------------------
+# Progress bar
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal, printed every 10% otherwise."""
+
+    def __init__(self, total: int, width: int = 28, stream: Any = sys.stderr):
+        self.total, self.width, self.stream = total, width, stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last_decile = -1
+
+    def update(self, done: int, text: str) -> None:
+        frac = done / max(self.total, 1)
+        decile = int(frac * 10)
+        if not self.tty and decile == self.last_decile and done != self.total:
+            return
+        self.last_decile = decile
+        fill = int(round(frac * self.width))
+        bar = "#" * fill + "-" * (self.width - fill)
+        line = f"[{bar}] {done}/{self.total} {time.perf_counter() - self.t0:6.0f}s  {text}"
+        if self.tty:
+            self.stream.write("\r" + line[: 150].ljust(150))
+            if done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------
+# Training
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    preset = dict(PRESETS[args.preset])
+    for k in ("steps", "batch", "lr", "eval_every", "eval_batches", "eval_batch", "tap_steps"):
+        if getattr(args, k) is not None:
+            preset[k] = getattr(args, k)
+    cfg = dataclasses.replace(preset["model"], vocab=len(data.VOCAB))
+    if args.seq_len:
+        cfg = dataclasses.replace(cfg, seq_len=args.seq_len)
+    steps, batch, lr = int(preset["steps"]), int(preset["batch"]), float(preset["lr"])
+    configs = list(args.configs)
+    telemetry_config = next((c for c in ("scalify-fp8", "scalify-fp16") if c in configs), None)
+    if args.no_telemetry:
+        telemetry_config = None
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    train_ids, val_ids = data.load_corpus(args.data, max_chars=args.max_chars)
+    val_batches = [jnp.asarray(b) for b in itertools.islice(
+        data.batches(val_ids, int(preset["eval_batch"]), cfg.seq_len, seed=args.seed + 1),
+        int(preset["eval_batches"]))]
+    warmup = max(1, steps // 20)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 10)
+    params32 = gpt.init_params(jax.random.PRNGKey(args.seed), cfg)
+    n_params = int(sum(x.size for x in jax.tree.leaves(params32)))
+    print(f"machine: {machine_name()}")
+    print(f"model: d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} seq={cfg.seq_len} "
+          f"vocab={cfg.vocab} ({n_params / 1e6:.2f}M params); batch {batch}, {steps} steps, "
+          f"adam lr {lr:g} (warmup {warmup}, cosine); corpus {len(train_ids):,} train / "
+          f"{len(val_ids):,} validation chars ({args.data or 'Python stdlib source'})")
+
+    trainers = {c: make_trainer(c, cfg, params32, schedule) for c in configs}
+    rec: Dict[str, Dict[str, Any]] = {
+        c: {"train": [], "val": [], "step_s": [], "compile_s": None, "nonfinite_step": None,
+            "state_bytes": tree_bytes(t.state), "params_bytes": tree_bytes(t.params)}
+        for c, t in trainers.items()
+    }
+
+    # Telemetry on the scalify run: weights, gradients and optimizer state every few steps
+    # (cheap, eager), and every op's output (activations and gradients inside the step,
+    # tapped with host callbacks: a separate compiled step, used for a few steps only).
+    cap = sfy.telemetry.Capture() if telemetry_config else None
+    tap_steps = set()
+    tapped_step = None
+    if cap is not None and int(preset["tap_steps"]) > 0:
+        tap_steps = {int(x) for x in np.linspace(0, steps - 1, int(preset["tap_steps"])).round()}
+    record_every = max(1, steps // 50)
+
+    def evaluate(name: str) -> float:
+        t = trainers[name]
+        return float(np.mean([as_float(t.evaluate(t.params, b)) for b in val_batches]))
+
+    batches = data.batches(train_ids, batch, cfg.seq_len, seed=args.seed)
+    bar = Progress(steps)
+    active = list(configs)
+    for i in range(steps):
+        tokens = jnp.asarray(next(batches))
+        for name in list(active):
+            t = trainers[name]
+            fn = t.step
+            if name == telemetry_config and i in tap_steps:
+                if tapped_step is None:
+                    tapped_step = t.traced_step()
+                    with cap.tracing():  # trace (and compile) the tapped step
+                        tapped_step = tapped_step.lower(t.params, t.state, tokens).compile()
+                fn = tapped_step
+                cap.step = i
+            t0 = time.perf_counter()
+            out = fn(t.params, t.state, tokens)
+            jax.block_until_ready(out)
+            dt = time.perf_counter() - t0
+            if i == 0:
+                rec[name]["compile_s"] = dt
+            elif fn is t.step:
+                rec[name]["step_s"].append(dt)
+            t.params, t.state, loss = out[0], out[1], out[2]
+            loss = as_float(loss)
+            rec[name]["train"].append(loss)
+            if name == telemetry_config and (i % record_every == 0 or i in tap_steps or i == steps - 1):
+                cap.step = i
+                cap.record_tree("weights", t.params)
+                cap.record_tree("gradients", out[3])
+                cap.record_tree("optimizer state", t.state)
+                cap.end_step(loss)
+            if not math.isfinite(loss):
+                # Plain float16 blows up (non-finite loss): stop this configuration there.
+                rec[name]["nonfinite_step"] = i
+                rec[name]["val"].append((i, float("nan")))
+                active.remove(name)
+        if (i + 1) % int(preset["eval_every"]) == 0 or i == steps - 1:
+            for name in active:
+                rec[name]["val"].append((i + 1, evaluate(name)))
+        shown = " ".join(f"{n.replace('scalify-', 's-')} {rec[n]['train'][-1]:.3f}" for n in configs)
+        bar.update(i + 1, shown)
+
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+    results = summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup)
+    results["telemetry"]["first_nonfinite_plain_float16"] = rec.get("float16", {}).get("nonfinite_step")
+    print_table(results)
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not args.no_plots:
+        write_plots(args, results, cap, telemetry_config)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {out}")
+    print(f"time: {results['cpu_s']:.0f} s CPU, {results['wall_s']:.0f} s wall")
+    return results
+
+
+def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup):
+    steps = int(preset["steps"])
+    tail = max(1, steps // 10)
+    runs: Dict[str, Any] = {}
+    for name in configs:
+        r = rec[name]
+        train = np.asarray(r["train"], np.float64)
+        finite = r["nonfinite_step"] is None
+        final_val = r["val"][-1][1] if r["val"] else float("nan")
+        runs[name] = {
+            "final_train_loss": float(np.mean(train[-tail:])) if finite else float("nan"),
+            "final_val_loss": final_val if finite else float("nan"),
+            "nonfinite_step": r["nonfinite_step"],
+            "step_ms": 1e3 * float(np.median(r["step_s"])) if r["step_s"] else float("nan"),
+            "first_step_s": r["compile_s"],
+            "state_bytes": r["state_bytes"],
+            "params_bytes": r["params_bytes"],
+            "train_curve": [float(x) for x in train],
+            "val_curve": [[int(s), float(v)] for s, v in r["val"]],
+        }
+    ref = runs.get("float32")
+    for name, r in runs.items():
+        for key, rkey in (("val_ratio", "final_val_loss"), ("train_ratio", "final_train_loss"),
+                          ("step_time_ratio", "step_ms"), ("state_bytes_ratio", "state_bytes")):
+            r[key] = (r[rkey] / ref[rkey]) if ref and ref[rkey] else float("nan")
+    telemetry: Dict[str, Any] = {"config": telemetry_config}
+    if cap is not None:
+        # Non-finite values among the recorded weights, gradients and optimizer state (the
+        # trees the step hands back), and which ops' outputs held any: the causal mask's
+        # -inf (a `select_n`) is there by design, softmax turns it into 0.
+        trees = [x for x in cap.records if x.kind != "activation" and x.nonfinite > 0]
+        first = min(trees, key=lambda x: x.step) if trees else None
+        telemetry["first_nonfinite_weight_grad_state"] = (
+            None if first is None else {"step": first.step, "kind": first.kind, "name": first.name,
+                                        "count": int(first.nonfinite)})
+        telemetry["recorded_steps"] = len({x.step for x in cap.records})
+        acts = [x for x in cap.records if x.kind == "activation"]
+        telemetry["ops_with_nonfinite_outputs"] = sorted({x.name.split(" @ ")[0] for x in acts if x.nonfinite > 0})
+        if acts:
+            telemetry["tapped_tensors_per_step"] = len(acts) // max(1, len({x.step for x in acts}))
+            telemetry["activation_log2_scale_range"] = [min(x.log2_scale for x in acts), max(x.log2_scale for x in acts)]
+            rms = np.array([x.data_rms for x in acts if x.data_rms > 0])
+            if rms.size:
+                telemetry["activation_data_rms_percentiles_1_50_99"] = np.percentile(rms, [1, 50, 99]).tolist()
+    return {
+        "benchmark": "train_gpt",
+        "device": machine_name(),
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "preset": args.preset,
+        "model": {**dataclasses.asdict(cfg), "n_params": n_params},
+        "training": {"steps": steps, "batch": int(preset["batch"]), "lr": float(preset["lr"]),
+                     "warmup": warmup, "schedule": "linear warmup from 0, cosine decay to lr/10",
+                     "optimizer": "optax.adam", "seed": args.seed,
+                     "final_train_loss": f"mean of the last {tail} steps",
+                     "validation": f"{preset['eval_batches']} fixed batches of {preset['eval_batch']} "
+                                   f"x {cfg.seq_len} held-out tokens",
+                     "data": args.data or "Python standard library source (benchmarks/data.py)"},
+        "runs": runs,
+        "telemetry": telemetry,
+        "cpu_s": cpu_s,
+        "wall_s": wall_s,
+    }
+
+
+def print_table(results: Dict[str, Any]) -> None:
+    rows = [readme_tables.TRAIN_GPT_HEADER] + readme_tables.train_gpt_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for k, r in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    tel = results["telemetry"]
+    if tel.get("config"):
+        fn = tel.get("first_nonfinite_weight_grad_state")
+        print(f"telemetry ({tel['config']}, {tel.get('recorded_steps')} recorded steps): first non-finite "
+              f"weight/gradient/optimizer-state value: {'none' if fn is None else fn}")
+        if tel.get("tapped_tensors_per_step"):
+            lo, hi = tel["activation_log2_scale_range"]
+            print(f"  tapped op outputs: {tel['tapped_tensors_per_step']} a step, log2 scales in "
+                  f"[{lo:.0f}, {hi:.0f}], ops with non-finite outputs: "
+                  f"{', '.join(tel['ops_with_nonfinite_outputs']) or 'none'} (the mask's -inf is expected)")
+    if "float16" in results["runs"]:
+        s = results["runs"]["float16"]["nonfinite_step"]
+        print("plain float16: " + ("loss stayed finite" if s is None else f"loss non-finite from step {s}"))
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+
+
+COLORS = {"float32": "black", "bfloat16": "tab:orange", "float16": "tab:red",
+          "scalify-fp16": "tab:blue", "scalify-fp8": "tab:green"}
+
+
+def _smooth(x: np.ndarray, k: int) -> np.ndarray:
+    if len(x) < 2 or k <= 1:
+        return x
+    k = min(k, len(x))
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    out = (c[k:] - c[:-k]) / k
+    head = c[1:k] / np.arange(1, k)
+    return np.concatenate([head, out])
+
+
+def write_plots(args, results, cap, telemetry_config) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return
+    runs = results["runs"]
+    m = results["model"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = results["training"]["steps"]
+    k = max(1, steps // 30)
+    hi = 0.0
+    for name, r in runs.items():
+        y = np.asarray(r["train_curve"], np.float64)
+        ok = np.isfinite(y)
+        n = int(np.argmin(ok)) if not ok.all() else len(y)
+        color = COLORS.get(name)
+        style = dict(color=color, label=name, lw=1.6)
+        if name == "float32":  # the reference, drawn dashed on top so it stays visible
+            style.update(ls="--", lw=1.4, zorder=5)
+        if n:
+            ax1.plot(np.arange(n), _smooth(y[:n], k), **style)
+            hi = max(hi, float(np.max(y[:n])))
+        if r["nonfinite_step"] is not None:
+            s = r["nonfinite_step"]
+            last = float(_smooth(y[:n], k)[-1]) if n else float(y[0]) if np.isfinite(y[0]) else 4.6
+            ax1.plot([s], [last], "x", color=color, ms=10, mew=2)
+            ax1.annotate(f"{name}: non-finite loss at step {s}", (s, last), textcoords="offset points",
+                         xytext=(8, 6), color=color, fontsize=9)
+        v = [(s, l) for s, l in r["val_curve"] if math.isfinite(l)]
+        if v:
+            ax2.plot([s for s, _ in v], [l for _, l in v], marker="o", ms=3, **style)
+    ax1.set_title(f"training loss (moving average of {k} steps)")
+    ax2.set_title("validation loss (held-out text, fixed batches)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats / char)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    # Zoom the validation panel onto the end of training, where the configurations differ.
+    finals = [r["final_val_loss"] for r in runs.values() if math.isfinite(r["final_val_loss"])]
+    if finals:
+        lo, top = min(finals), max(finals)
+        span = max(top - lo, 0.02 * lo)
+        ax2.set_ylim(lo - 0.5 * span, top + 4 * span)
+    fig.suptitle(f"char-GPT d={m['d_model']} L={m['n_layers']} ({m['n_params'] / 1e6:.2f}M params), "
+                 f"{steps} steps — {results['device']}", fontsize=10)
+    fig.tight_layout()
+    loss_png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "train_gpt_loss.png")
+    fig.savefig(loss_png, dpi=100)
+    plt.close(fig)
+    print(f"wrote {loss_png}")
+    if cap is not None and cap.records:
+        scales_png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "train_gpt_scales.png")
+        taps = any(r.kind == "activation" for r in cap.records)
+        sfy.telemetry.plot_scales(cap, scales_png, title=(
+            f"{telemetry_config}: distribution over tensors of log2(scale), every "
+            f"{max(1, results['training']['steps'] // 50)} steps"
+            + (" (activation: every op's output inside the step, at the tapped steps)" if taps else "")))
+        print(f"wrote {scales_png}")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Any = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--quick", action="store_true", help="a few steps of a tiny model (for tests)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--eval-batch", type=int)
+    p.add_argument("--data", help="a text file to train on (default: the Python stdlib's source)")
+    p.add_argument("--max-chars", type=int, default=2_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tap-steps", type=int,
+                   help="number of steps of the telemetry run at which every op's output is tapped "
+                        "(activations and gradients inside the step; a separately compiled step with "
+                        "host callbacks, which takes 1-2 min to compile on CPU; default: 0 on CPU "
+                        "presets, 3 for gpt2-small)")
+    p.add_argument("--no-telemetry", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train_gpt.json; "
+                                 "--quick: a temporary directory's)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset = "quick"
+        args.max_chars = min(args.max_chars, 200_000)
+    if args.out is None:
+        if args.quick:
+            import tempfile
+
+            args.out = os.path.join(tempfile.mkdtemp(prefix="train_gpt_"), "train_gpt.json")
+        else:
+            args.out = os.path.join(RESULTS, "train_gpt.json")
+    return args
+
+
+def main(argv: Any = None) -> Dict[str, Any]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
