@@ -53,3 +53,18 @@ def assert_pow2_scales(tree: Any) -> None:
 def assert_finite(tree: Any) -> None:
     for leaf in jax.tree.leaves(sfy.asarray(tree, dtype=jnp.float32)):
         assert np.all(np.isfinite(np.asarray(leaf))), "non-finite values"
+
+
+def both(f: Any) -> list:
+    """The scalified function, eagerly and under jit."""
+    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
+
+
+def requires(*prims: Any) -> Any:
+    """Skip a test whose function also needs rules of other families not registered."""
+    import pytest
+
+    from scalify.core.registry import get_scaled_rule
+
+    missing = [p.name for p in prims if get_scaled_rule(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")

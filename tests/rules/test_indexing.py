@@ -11,7 +11,7 @@ from jax.extend.core import primitives as P
 
 import scalify as sfy
 from scalify.core import get_scaled_rule
-from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, scaled
+from tests.utils import requires, both, assert_close, assert_finite, assert_pow2_scales, oracle, scaled
 
 DTYPES = [np.float32, np.float16]
 RNG = np.random.default_rng(0)
@@ -21,18 +21,9 @@ IDX = np.array([4, 0, 4], np.int32)  # a duplicate: scatter-add accumulates
 S_X, S_Y = 2.0**-6, 2.0**3
 
 
-def requires(*prims):
-    """Skip a test whose function also needs rules of other families not yet registered."""
-    missing = [p.name for p in prims if get_scaled_rule(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
-
 
 JIT = requires(P.jit_p)  # jnp.sort, jnp.cumsum, jnp.take... trace to a nested `jit`
 
-
-def both(f):
-    """The scalified function, eagerly and under jit."""
-    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
 def leaves(tree):

@@ -13,7 +13,7 @@ from jax import lax
 
 import scalify as sfy
 from scalify.rules.linalg import conv_fan_in, scaled_dot_general
-from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
+from tests.utils import both, assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -24,9 +24,6 @@ RNG = np.random.default_rng(2)
 def normal(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
-
-def both(f):
-    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
 def pow2_sqrt_down(n):

@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 import scalify as sfy
-from tests.utils import assert_finite, assert_pow2_scales, rtol_of, scaled
+from tests.utils import both, assert_finite, assert_pow2_scales, rtol_of, scaled
 
 RNG = np.random.default_rng(11)
 SCALES = [2.0**-40, 1.0, 2.0**40]  # 1e-12 and 1e12: outside float16's range
@@ -27,9 +27,6 @@ def values(x):
 def rel_err(got, want):
     return np.abs(got - want).max() / np.abs(want).max()
 
-
-def both(f):
-    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
 # --- decompositions: compare reconstructions, not signs of vectors ----------------------

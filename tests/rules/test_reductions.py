@@ -11,22 +11,13 @@ from hypothesis import strategies as st
 from jax import lax
 
 import scalify as sfy
-from scalify.core import get_scaled_rule
-from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
+from tests.utils import requires, both, assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
 RNG = np.random.default_rng(1)
 X = RNG.standard_normal((4, 5, 6)).astype(np.float32)
 
 
-def requires(*prims):
-    """Skip a test whose function also needs rules of other families not yet registered."""
-    missing = [p.name for p in prims if get_scaled_rule(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
-
-
-def both(f):
-    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
 def pow2_sqrt_down(n):

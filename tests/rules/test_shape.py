@@ -8,23 +8,13 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import scalify as sfy
-from scalify.core import get_scaled_rule
-from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, scaled
+from tests.utils import requires, both, assert_close, assert_finite, assert_pow2_scales, oracle, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((4, 6, 2)).astype(np.float32)
 
 
-def requires(*prims):
-    """Skip a test whose function also needs rules of other families not yet registered."""
-    missing = [p.name for p in prims if get_scaled_rule(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
-
-
-def both(f):
-    """The scalified function, eagerly and under jit."""
-    return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
 def leaves(tree):
