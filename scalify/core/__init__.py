@@ -22,5 +22,7 @@ from scalify.core.registry import (
     UnsupportedPrimitiveError,
     get_scaled_rule,
     register_scaled_op,
+    register_static_impl,
+    get_static_impl,
     registered_primitives,
 )

@@ -8,7 +8,9 @@ The interpreter knows no primitive by name. For each equation it:
    operands and the user's source line when there is none);
 2. folds the equation at trace time when every operand is static (NumPy literals and
    constants, or earlier folds), so that ``zeros_like``, ``full(-inf)`` masks and
-   constant scalars keep their values for the rules that meet them later;
+   constant scalars keep their values for the rules that meet them later. A primitive's
+   registered NumPy evaluator (`register_static_impl`) computes the fold; others run
+   eagerly through XLA;
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
 """
 from __future__ import annotations
@@ -26,7 +28,12 @@ from scalify import _jax_compat
 from scalify.core.datatype import ScaledArray, is_scaled_leaf
 from scalify.core.operands import as_jax
 from scalify.core.pow2 import is_static
-from scalify.core.registry import UnsupportedPrimitiveError, get_scaled_rule, is_always_scaled
+from scalify.core.registry import (
+    UnsupportedPrimitiveError,
+    get_scaled_rule,
+    get_static_impl,
+    is_always_scaled,
+)
 
 # Folding materialises an equation's result on the host at trace time: above this many
 # elements it is skipped (the equation is bound as usual) unless its operands are all
@@ -74,6 +81,28 @@ def _to_static(x: Any) -> np.ndarray:
             # recognised as uniform by the rules without another pass.
             return np.broadcast_to(first, a.shape)
     return a
+
+
+def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
+    """The equation's results from its registered NumPy evaluator (cast to the jaxpr's
+    dtypes), or None when it has none or declines."""
+    impl = get_static_impl(eqn.primitive)
+    if impl is None:
+        return None
+    with np.errstate(all="ignore"):  # inf/NaN results are values, as in XLA
+        outs = impl(*invals, **eqn.params)
+    if outs is NotImplemented:
+        return None
+    outs = list(outs) if eqn.primitive.multiple_results else [outs]
+    result = []
+    for o, v in zip(outs, eqn.outvars):
+        if not is_static(o):
+            return None
+        o = np.asarray(o)
+        if o.shape != tuple(v.aval.shape):
+            return None
+        result.append(_to_static(o.astype(v.aval.dtype, copy=False)))
+    return result
 
 
 def _bind(eqn: Any, invals: Sequence[Any]) -> List[Any]:
@@ -136,7 +165,14 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
             )
             raise
         return list(out) if eqn.primitive.multiple_results else [out]
-    if invals and _is_foldable(eqn, invals):
+    # Operand-free equations (``iota``) fold only through a NumPy evaluator, which
+    # decides how large a constant it is worth embedding.
+    if (invals or get_static_impl(eqn.primitive)) and _is_foldable(eqn, invals):
+        folded = _fold_in_numpy(eqn, invals)
+        if folded is not None:
+            return folded
+        if not invals:
+            return _bind(eqn, invals)
         try:
             with jax.ensure_compile_time_eval():
                 outs = _bind(eqn, invals)

@@ -58,7 +58,13 @@ def pow2_round_down(x: Any) -> Any:
     x = xnp(x).asarray(x, dtype)
     itype, mask = _exponent_mask(dtype)
     down = _from_bits(_bits(x, itype) & mask, dtype)
-    return xnp(x).where(_special(x) | (down == 0), x, down)
+    if is_static(x):
+        return np.where(_special(x) | (down == 0), x, down)
+    # Traced: clearing the mantissa already maps inf to inf; only zero, subnormals
+    # (both clear to 0) and NaN (which would become inf) keep their value. `lax.select`
+    # rather than `jnp.where`: four scalar ops in the program instead of a nested call.
+    keep = (down == 0) | (x != x)
+    return jax.lax.select(keep, x, down)
 
 
 def pow2_round_up(x: Any) -> Any:

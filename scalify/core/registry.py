@@ -17,6 +17,9 @@ _RULES: Dict[Primitive, Callable[..., Any]] = {}
 # Primitives whose rule runs even when no operand is a ScaledArray (e.g. `set_scaling`,
 # which turns a plain array into a ScaledArray inside scalify).
 _ALWAYS_SCALED: set = set()
+# NumPy evaluators used to fold equations whose operands are all static (see
+# `register_static_impl`).
+_STATIC_IMPLS: Dict[Primitive, Callable[..., Any]] = {}
 
 
 class UnsupportedPrimitiveError(NotImplementedError):
@@ -63,3 +66,24 @@ def is_always_scaled(prim: Primitive) -> bool:
 def registered_primitives() -> Dict[Primitive, Callable[..., Any]]:
     """A copy of the registry: primitive -> rule."""
     return dict(_RULES)
+
+
+def register_static_impl(*prims: Primitive) -> Callable[[Callable], Callable]:
+    """Decorator registering ``impl(*operands, **params)`` as the trace-time evaluator of
+    each primitive in ``prims``: when every operand of an equation is a static NumPy
+    value, the interpreter calls it instead of running the primitive through XLA (which
+    compiles a small program per primitive and shape: tens of milliseconds each). It
+    returns NumPy value(s) of the equation's result, or ``NotImplemented`` to fall back to
+    XLA for operands it does not handle."""
+
+    def decorator(impl: Callable) -> Callable:
+        for p in prims:
+            _STATIC_IMPLS[p] = impl
+        return impl
+
+    return decorator
+
+
+def get_static_impl(prim: Primitive) -> Optional[Callable[..., Any]]:
+    """The registered trace-time evaluator of ``prim``, or None."""
+    return _STATIC_IMPLS.get(prim)

@@ -3,6 +3,7 @@ from scalify.rules import (  # noqa: F401
     collectives,
     control_flow,
     elementwise,
+    folding,
     indexing,
     linalg,
     reductions,

@@ -60,19 +60,35 @@ def _rescale(acc: Any, factor: Any, dtype: Any) -> Any:
 
 
 def _scaled_contraction(
-    lhs: Any, rhs: Any, contract: Any, k: int, out_type: Optional[Any]
+    lhs: Any, rhs: Any, contract: Any, k: int, out_type: Optional[Any],
+    out_size: Optional[int] = None,
 ) -> ScaledArray:
     """Shared body: promote operands, contract the data with float32 accumulation
-    (``contract(ld, rd, acc_dtype)``), move ``pow2(sqrt(k))`` into the scale."""
+    (``contract(ld, rd, acc_dtype)``), move ``pow2(sqrt(k))`` into the scale.
+    ``out_size`` (the result's number of elements, when the caller knows it) allows
+    dividing a smaller float32 operand instead of the result."""
     lhs, rhs = promote(lhs), promote(rhs)
     if out_type is None:
         out_type = _default_out_dtype(lhs.dtype, rhs.dtype)
     acc_dtype = _accumulation_dtype(lhs.dtype, rhs.dtype, out_type)
-    acc = contract(as_jax(lhs.data), as_jax(rhs.data), acc_dtype)
     factor = fan_in_factor(k)
+    ld, rd = as_jax(lhs.data), as_jax(rhs.data)
     scale = lhs.scale * rhs.scale
     if factor != 1:
         scale = scale * factor
+    same = {np.dtype(lhs.dtype), np.dtype(rhs.dtype), np.dtype(out_type)} == {acc_dtype}
+    if factor != 1 and out_size is not None and same:
+        # Data already in the accumulation dtype: dividing an operand by the power of
+        # two gives the same bits as dividing the result, so divide the smaller operand
+        # when it is smaller than the result. Besides doing less work, this leaves the
+        # contraction's output untouched, so XLA can still fold a following transpose
+        # into the dot (as in every weight gradient) instead of copying the result.
+        small = min((ld.size, 0), (rd.size, 1))
+        if small[0] < out_size:
+            inv = np.asarray(1 / factor, acc_dtype)
+            ld, rd = (ld * inv, rd) if small[1] == 0 else (ld, rd * inv)
+            return ScaledArray(contract(ld, rd, acc_dtype), scale)
+    acc = contract(ld, rd, acc_dtype)
     return ScaledArray(_rescale(acc, factor, out_type), scale)
 
 
@@ -135,7 +151,12 @@ def scaled_dot_general(
             **_with_defaults(params, precision=None, out_sharding=None),
         )
 
-    return _scaled_contraction(lhs, rhs, contract, k, preferred_element_type)
+    lshape = np.shape(lhs.data if isinstance(lhs, ScaledArray) else lhs)
+    rshape = np.shape(rhs.data if isinstance(rhs, ScaledArray) else rhs)
+    free = [n for d, n in enumerate(lshape) if d not in lc and d not in lb]
+    free += [n for d, n in enumerate(rshape) if d not in rc and d not in rb]
+    out_size = int(np.prod([lshape[d] for d in lb] + free, dtype=np.int64))
+    return _scaled_contraction(lhs, rhs, contract, k, preferred_element_type, out_size)
 
 
 def _with_defaults(params: dict, **defaults: Any) -> dict:
