@@ -25,8 +25,8 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from scalify import _jax_compat
-from scalify.core.datatype import ScaledArray, is_scaled_leaf
-from scalify.core.operands import as_jax
+from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
+from scalify.core.operands import as_jax, is_scale_free, promote, static_uniform_value
 from scalify.core.pow2 import is_static
 from scalify.core.registry import (
     UnsupportedPrimitiveError,
@@ -149,8 +149,46 @@ def _needs_rule(eqn: Any, invals: Sequence[Any]) -> bool:
     )
 
 
+def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
+    """Static float constants that carry the only float magnitude into a traced
+    equation, as ScaledArrays at their own power-of-two scale.
+
+    The case that matters is autodiff's seed: ``mean``'s cotangent is a constant
+    ``1/N`` broadcast, scattered into a one-hot by integer labels (the backward of
+    ``take_along_axis`` in every cross-entropy). Bound plainly, that one-hot would come
+    out at scale 1 with data ``1/N``, and every gradient downstream would inherit data
+    ``N`` times below unit size: float16 gradients then lose their small elements to
+    subnormals. Promoted, the one-hot comes out with unit data at scale ``pow2(1/N)``.
+
+    Only broadcast constants (more than one element; scalar literals such as the ``0``
+    of ``max(x, 0)`` stay literals), finite and non-zero (0 and inf are scale-free),
+    and only when no traced float operand is present: a plain float operand means a
+    plain computation, which stays plain (contract §3.5).
+    """
+    if get_scaled_rule(eqn.primitive) is None:
+        return invals
+    candidates = []
+    for i, x in enumerate(invals):
+        if not is_static(x):
+            if is_float_dtype(x.dtype):
+                return invals  # a plain float computation
+            continue
+        if np.size(x) > 1 and is_float_dtype(np.asarray(x).dtype) and not is_scale_free(x):
+            if static_uniform_value(x) is not None:
+                candidates.append(i)
+    if not candidates:
+        return invals
+    out = list(invals)
+    for i in candidates:
+        out[i] = promote(invals[i])  # data c / pow2(|c|), scale pow2(|c|)
+        out[i] = ScaledArray(as_jax(out[i].data), out[i].scale)
+    return out
+
+
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
+    if not _needs_rule(eqn, invals) and not _is_foldable(eqn, invals):
+        invals = _constant_scales(eqn, invals)
     if _needs_rule(eqn, invals):
         rule = get_scaled_rule(eqn.primitive)
         if rule is None:

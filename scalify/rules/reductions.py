@@ -1,7 +1,9 @@
 """Scaled rules of reduction primitives.
 
-- ``reduce_sum`` moves ``pow2(sqrt(N))`` (N reduced elements) from data to scale: the
-  sum of N independent unit-variance terms has variance N (unit scaling).
+- ``reduce_sum`` measures its output's scale (the power of two of the sum's RMS) when
+  N >= 16 elements are reduced, since a sum of correlated or positive terms grows like
+  N, not sqrt(N); smaller reductions move ``pow2(sqrt(N))`` from data to scale (the
+  sum of N independent unit-variance terms has variance N).
 - ``reduce_max`` / ``reduce_min`` keep the scale (the scale is positive, so the extreme
   element of ``data`` is the extreme element of the value).
 - ``reduce_prod`` multiplies the scale by itself N times.
@@ -39,25 +41,49 @@ def _cast(x: Any, dtype: Any) -> Any:
     return x.astype(dtype)
 
 
+# Reductions over at least this many elements measure their output scale (see
+# `reduce_sum`); smaller ones, whose output is nearly as large as the input, keep the
+# static rule so that measuring never costs a pass over a large tensor.
+MEASURED_MIN_REDUCED = 16
+
+
 @register_scaled_op(lax.reduce_sum_p)
 def reduce_sum(x: ScaledArray, *, axes: Sequence[int], **params: Any) -> ScaledArray:
-    """Sum over ``axes``; ``pow2(sqrt(N))`` moves from the data into the scale.
+    """Sum over ``axes`` (in float32, rounded once to the data dtype), with an output
+    scale measured from the sum itself when N >= `MEASURED_MIN_REDUCED` elements are
+    reduced, and ``x.scale * pow2(sqrt(N))`` otherwise.
 
-    ``data = sum(x.data) / pow2(sqrt(N))`` (summed in float32, then rounded once to the
-    data dtype) and ``scale = x.scale * pow2(sqrt(N))``, N being the number of reduced
-    elements. For N independent unit-variance terms the sum has standard deviation
-    sqrt(N), so the data stays near unit variance; a sum of N equal terms (a mean's
-    numerator) has data sqrt(N) times larger than its input, still far inside the range
-    of float16 for any realistic N. pow2 rounding keeps the rescaling exact. N <= 1
-    (a reduction over no or unit axes) leaves the scale unchanged.
+    Why measured: the static rule is right for N independent zero-mean terms (standard
+    deviation sqrt(N)), but the sums that models take are often of correlated or
+    positive terms (a mean, a variance, a softmax denominator), whose size is up to N,
+    not sqrt(N). Layer norm's statistics then carry data sqrt(N) too large, and their
+    backward (``rsqrt(var)**3``) data N**1.5 too small: gradients drift below unit size
+    block after block until float16 loses them. Measuring costs one reduction over the
+    output, which is N times smaller than the input: ``m = pow2(rms(sum))``, data
+    ``sum / m``, scale ``x.scale * m`` (1 when the sum is all zeros or not finite, so
+    that the output never gets a zero or infinite scale). The data of a measured sum are
+    independent of the input scale, so scale invariance holds.
     """
     n = _num_reduced(x.shape, axes)
-    factor = pow2_round(np.sqrt(np.asarray(max(n, 1), scale_dtype())))
     cd = compute_dtype(x.dtype)
     total = lax.reduce_sum_p.bind(as_jax(x.data).astype(cd), axes=tuple(axes), **params)
+    if n >= MEASURED_MIN_REDUCED:
+        m = _pow2_rms(total)
+        return ScaledArray(_cast(total * (1 / m), x.dtype), x.scale * m.astype(scale_dtype()))
+    factor = pow2_round(np.sqrt(np.asarray(max(n, 1), scale_dtype())))
     if factor != 1:
         total = total * np.asarray(1 / factor, cd)
-    return ScaledArray(_cast(total, x.dtype), x.scale * factor)
+        return ScaledArray(_cast(total, x.dtype), x.scale * factor)
+    return ScaledArray(_cast(total, x.dtype), x.scale)
+
+
+def _pow2_rms(total: Any) -> Any:
+    """``pow2(rms(total))`` as a traced scalar of ``total``'s dtype (gradient stopped);
+    1 for all-zero or non-finite sums. The sums are float32 values of data summed N
+    times, far from float32's limits, so squaring them is safe."""
+    rms = jnp.sqrt(jnp.mean(lax.square(lax.stop_gradient(total))))
+    ok = (rms >= jnp.finfo(total.dtype).tiny) & jnp.isfinite(rms)
+    return lax.select(ok, pow2_round(lax.select(ok, rms, jnp.ones_like(rms))), jnp.ones_like(rms))
 
 
 @register_scaled_op(lax.reduce_max_p)

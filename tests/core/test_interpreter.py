@@ -82,3 +82,30 @@ def test_trace_time_folding_of_static_equations():
     np.testing.assert_array_equal(env_out[0], np.full(4, 6.0))
     out = interpreter.eval_closed_jaxpr(jaxpr, scaled(np.ones(4), 1.0, np.float32))[0]
     assert_close(out, np.full(4, 7.0))
+
+
+def test_constant_seed_keeps_its_scale_through_integer_indexing():
+    # The cross-entropy backward scatters the mean's constant cotangent -1/N into a
+    # one-hot with integer labels: the one-hot keeps scale pow2(1/N) and unit data, so
+    # the gradient's data stay near unit size instead of N times below.
+    n, v = 256, 10
+    logits = np.random.default_rng(0).standard_normal((n, v)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, v, n)
+
+    def loss(z, y):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+
+    g = jax.jit(sfy.scalify(jax.grad(loss)))(sfy.as_scaled_array(logits, dtype=jnp.float16), labels)
+    rms = float(np.sqrt(np.mean(np.asarray(g.data, np.float32) ** 2)))
+    assert rms > 0.25, rms
+    assert_close(g, jax.grad(loss)(logits, labels), np.float16)
+
+
+def test_constant_into_integer_scatter_is_scaled_and_plain_float_math_stays_plain():
+    idx = jnp.array([1, 3])
+    out = jax.jit(sfy.scalify(lambda i: jnp.zeros(5).at[i].set(jnp.full((2,), 3e-3))))(idx)
+    assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 2.0**-9
+    np.testing.assert_allclose(np.asarray(sfy.asarray(out)), [0, 3e-3, 0, 3e-3, 0], rtol=1e-6)
+    plain = sfy.scalify(lambda x: x + jnp.full((3,), 0.5))(jnp.ones(3))
+    assert not isinstance(plain, sfy.ScaledArray)
+    np.testing.assert_array_equal(plain, np.full(3, 1.5))

@@ -1,5 +1,6 @@
-"""Reduction rules: reduce_sum moves pow2(sqrt(N)) into the scale, max/min keep it,
-prod raises it to the N-th power, argmax/argmin return plain integers."""
+"""Reduction rules: reduce_sum measures its output scale (N >= 16 reduced elements) or
+moves pow2(sqrt(N)) into the scale, max/min keep it, prod raises it to the N-th power,
+argmax/argmin return plain integers."""
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import scalify as sfy
+from scalify.rules.reductions import MEASURED_MIN_REDUCED
 from tests.utils import requires, both, assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
@@ -22,6 +24,16 @@ X = RNG.standard_normal((4, 5, 6)).astype(np.float32)
 
 def pow2_sqrt_down(n):
     return 2.0 ** np.floor(np.log2(np.sqrt(n))) if n > 1 else 1.0
+
+
+def expected_scale(x, axes):
+    """The rule's documented output scale for ``reduce_sum(x, axes)``."""
+    n = int(np.prod([x.shape[a] for a in axes]))
+    if n < MEASURED_MIN_REDUCED:
+        return float(x.scale) * pow2_sqrt_down(n)
+    total = np.sum(np.asarray(x.data, np.float64), axes)
+    rms = np.sqrt(np.mean(total**2))
+    return float(x.scale) * (2.0 ** np.floor(np.log2(rms)) if rms > 0 else 1.0)
 
 
 def values64(out):
@@ -37,7 +49,7 @@ def test_reduce_sum_values_and_scale(axes, dtype):
     for fn in both(f):
         out = fn(x)
         assert out.dtype == np.dtype(dtype)
-        assert float(out.scale) == 2.0**-7 * pow2_sqrt_down(n)
+        assert float(out.scale) == expected_scale(x, axes), n
         assert_pow2_scales(out)
         # the f32 sum is rounded once to the data dtype
         assert_close(out, oracle(f, x), dtype, atol=float(out.scale) * 2.0**-14)
@@ -52,11 +64,23 @@ def test_reduce_sum_unit_axis_and_no_axis_keep_the_scale():
     assert float(out.scale) == 2.0**-7 and out.shape == x.shape
 
 
-def test_reduce_sum_keeps_unit_variance():
-    x = scaled(RNG.standard_normal((256, 64)), 1.0)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_reduce_sum_keeps_unit_variance(offset):
+    # Independent terms (offset 0) sum to ~sqrt(N); positive ones (a mean, a variance)
+    # to ~N: the measured scale keeps the data near unit size in both cases.
+    x = scaled(RNG.standard_normal((256, 64)) + offset, 1.0, np.float16)
     out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
-    assert float(out.scale) == 16.0
-    assert 0.5 <= float(np.std(np.asarray(out.data, np.float32))) <= 2.0
+    assert float(out.scale) == expected_scale(x, (0,))
+    assert (8.0 if offset == 0 else 128.0) <= float(out.scale) <= (16.0 if offset == 0 else 256.0)
+    rms = float(np.sqrt(np.mean(np.asarray(out.data, np.float32) ** 2)))
+    assert 1.0 <= rms < 2.0
+
+
+def test_reduce_sum_of_zeros_gets_a_finite_scale():
+    x = scaled(np.zeros((64, 3)), 2.0**-3, np.float16)
+    out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
+    assert float(out.scale) == 2.0**-3
+    np.testing.assert_array_equal(np.asarray(out.data, np.float32), 0.0)
 
 
 @pytest.mark.parametrize("scale", [2.0**-60, 2.0**60])
@@ -163,8 +187,7 @@ def test_property_reduce_sum(case):
     data = np.random.default_rng(seed).standard_normal(shape)
     x = scaled(data, 2.0**exponent, dtype)
     out = sfy.scalify(lambda x: lax.reduce_sum(x, axes))(x)
-    n = int(np.prod([shape[a] for a in axes]))
-    assert float(out.scale) == 2.0**exponent * pow2_sqrt_down(n)
+    assert float(out.scale) == expected_scale(x, axes)
     assert out.dtype == np.dtype(dtype)
     want = np.sum(np.asarray(x.data, np.float64), axes) * 2.0**exponent
     np.testing.assert_allclose(values64(out), want, rtol=rtol_of(dtype), atol=float(out.scale) * 2.0**-13)
@@ -181,8 +204,8 @@ def test_property_reduce_max(case):
 
 
 def test_float8_reduce_sum_saturates_instead_of_nan():
-    # 64 equal terms of 200 sum to 12800; /8 gives 1600 > 448 = max of E4M3FN.
-    x = scaled(np.full((64,), 200.0), 1.0, ml_dtypes.float8_e4m3fn)
+    # 8 equal terms of 200 sum to 1600; /2 gives 800 > 448 = max of E4M3FN.
+    x = scaled(np.full((8,), 200.0), 1.0, ml_dtypes.float8_e4m3fn)
     out = sfy.scalify(lambda x: lax.reduce_sum(x, (0,)))(x)
-    assert float(out.scale) == 8.0
+    assert float(out.scale) == 2.0
     assert float(np.asarray(out.data, np.float32)) == 448.0
