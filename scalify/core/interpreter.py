@@ -187,9 +187,13 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
 
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
-    if not _needs_rule(eqn, invals) and not _is_foldable(eqn, invals):
-        invals = _constant_scales(eqn, invals)
-    if _needs_rule(eqn, invals):
+    needs_rule = _needs_rule(eqn, invals)
+    foldable = not needs_rule and _is_foldable(eqn, invals)
+    if not needs_rule and not foldable:
+        promoted = _constant_scales(eqn, invals)
+        needs_rule = promoted is not invals  # a promoted constant is a ScaledArray
+        invals = promoted
+    if needs_rule:
         rule = get_scaled_rule(eqn.primitive)
         if rule is None:
             raise _unsupported(eqn, invals)
@@ -205,7 +209,7 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
         return list(out) if eqn.primitive.multiple_results else [out]
     # Operand-free equations (``iota``) fold only through a NumPy evaluator, which
     # decides how large a constant it is worth embedding.
-    if (invals or get_static_impl(eqn.primitive)) and _is_foldable(eqn, invals):
+    if foldable and (invals or get_static_impl(eqn.primitive)):
         folded = _fold_in_numpy(eqn, invals)
         if folded is not None:
             return folded

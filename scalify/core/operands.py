@@ -12,7 +12,7 @@ Scale arithmetic stays in NumPy when every scale is static, so it folds at trace
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,34 @@ def scale_dtype() -> np.dtype:
 def one() -> np.ndarray:
     """A static scale of 1."""
     return np.ones((), scale_dtype())
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    """``x`` as ``dtype``: NumPy for a static value, one ``convert_element_type`` (none
+    when it already is) for a traced one. Rules call `lax` directly rather than
+    `jax.numpy`: every `jax.numpy` function is a `jit` of its own, whose dispatch costs
+    far more trace time than the primitive it binds."""
+    dtype = np.dtype(dtype)
+    if is_static(x):
+        return np.asarray(x, dtype)
+    return x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
+
+
+def _scale_binary(np_fn: Any, lax_fn: Any) -> Any:
+    def op(a: Any, b: Any) -> Any:
+        if is_static(a) and is_static(b):
+            with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+                return np_fn(a, b)
+        dtype = scales_dtype(a, b)
+        return lax_fn(cast(a, dtype), cast(b, dtype))
+
+    op.__doc__ = f"``{np_fn.__name__}`` of two scales: NumPy when both are static, else `lax`."
+    return op
+
+
+scale_mul = _scale_binary(np.multiply, jax.lax.mul)
+scale_div = _scale_binary(np.divide, jax.lax.div)
+scale_max = _scale_binary(np.maximum, jax.lax.max)
 
 
 def scale_of(x: Any) -> Any:
@@ -101,18 +129,18 @@ def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
     if c is not None:
         if is_scale_free(x):
             return _full(np.shape(x), c, dtype)
-        v = xnp(scale).asarray(c, scale_dtype()) / scale
+        v = scale_div(np.asarray(c, scale_dtype()), scale)
         return _full(np.shape(x), v, dtype)
     if is_static(scale) and scale == 1:
         return _astype(x, dtype)
-    return _mul(x, 1 / scale, dtype)
+    return _mul(x, scale_div(one(), scale), dtype)
 
 
 def ratio_of(a: Any, b: Any) -> Any:
     """``a / b`` for scales: NumPy when both are static; 1 when they are the same value."""
     if a is b:
         return one()
-    return a / b
+    return scale_div(a, b)
 
 
 def as_jax(x: Any) -> Any:
@@ -127,16 +155,15 @@ def as_jax(x: Any) -> Any:
 
 def _mul(data: Any, factor: Any, dtype: Any) -> Any:
     cd = compute_dtype(np.dtype(dtype))
-    out = as_jax(data).astype(cd) * jnp.asarray(factor).astype(cd)
-    return out.astype(dtype)
+    return cast(jax.lax.mul(cast(as_jax(data), cd), cast(factor, cd)), dtype)
 
 
 def _astype(x: Any, dtype: Any) -> Any:
-    return as_jax(x).astype(dtype)
+    return cast(as_jax(x), dtype)
 
 
 def _full(shape: Sequence[int], value: Any, dtype: Any) -> Any:
-    return jax.lax.broadcast(jnp.asarray(value).astype(dtype), tuple(shape))
+    return jax.lax.broadcast(cast(value, dtype), tuple(shape))
 
 
 def _headroom(dtype: Any) -> np.ndarray:
@@ -167,7 +194,7 @@ def common_scale(*xs: Any) -> Any:
         return one()
     out = scales[0]
     for s in scales[1:]:
-        out = xnp(out, s).maximum(out, s)
+        out = scale_max(out, s)
     return out
 
 
@@ -192,12 +219,12 @@ def hypot_scale(*scales: Any) -> Any:
     mod = xnp(*scales)
     m = scales[0]
     for s in scales[1:]:
-        m = mod.maximum(m, s)
+        m = scale_max(m, s)
     mode = get_config().rounding_mode
     if mod is jnp and mode == Pow2RoundMode.DOWN and len(scales) <= 3:
         return m
     if mod is jnp and mode == Pow2RoundMode.UP and len(scales) <= 4:
-        return m * 2
+        return scale_mul(m, 2)
     total = sum((s / m) ** 2 for s in scales)
     return pow2_round(m * mod.sqrt(total))
 
@@ -209,3 +236,111 @@ def out_dtype(*xs: Any) -> np.dtype:
         if not is_static(x):
             return np.dtype(x.dtype)
     return np.asarray(xs[0]).dtype
+
+
+# --------------------------------------------------------------------------------------
+# Scale arithmetic with range clamping: products and quotients of scales as
+# ``(scale, residual)``. A scale must stay a finite, non-zero power of two, so a product
+# outside the normal range of the scale dtype is clamped to it and the excess (the
+# residual) is multiplied into the data instead.
+# --------------------------------------------------------------------------------------
+
+
+def scale_bounds(dtype: Any) -> Tuple[float, float, int, int]:
+    """Smallest normal and largest power of two of a scale dtype, and their exponents."""
+    fi = jnp.finfo(dtype)
+    return float(fi.tiny), float(2.0 ** (fi.maxexp - 1)), int(fi.minexp), int(fi.maxexp - 1)
+
+
+def scales_dtype(*scales: Any) -> np.dtype:
+    """The dtype scale arithmetic on ``scales`` computes in."""
+    # Python numbers are weakly typed: they take the dtype of the arrays beside them.
+    dtypes = [np.asarray(s).dtype if is_static(s) else s.dtype
+              for s in scales if not isinstance(s, (int, float))]
+    return np.dtype(jnp.result_type(*dtypes)) if dtypes else scale_dtype()
+
+
+def clip_scale(x: Any, lo: float, hi: float) -> Any:
+    """``clamp(lo, x, hi)`` of a traced scalar (bounds cast to its dtype)."""
+    return jax.lax.clamp(np.asarray(lo, x.dtype), x, np.asarray(hi, x.dtype))
+
+
+def _is_one(s: Any) -> bool:
+    return is_static(s) and bool(np.asarray(s) == 1)
+
+
+def _static_clamped(p: float, dtype: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """A static scale value ``p`` (exact, float64) as (scale clamped to range, residual)."""
+    lo, hi, _, _ = scale_bounds(dtype)
+    s = min(max(p, lo), hi)
+    with np.errstate(over="ignore", under="ignore"):
+        r = None if s == p else np.asarray(p / s, np.float32)
+    return np.asarray(s, dtype), r
+
+
+def scale_product(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
+    """``a * b`` as ``(scale, residual)``: ``scale`` is the product clamped to the normal
+    range of the scale dtype and ``residual = a * b / scale`` (None when exactly 1) must be
+    multiplied into the data. Static scales fold in NumPy; the residual is exact for
+    powers of two."""
+    if _is_one(a):
+        return b, None
+    if _is_one(b):
+        return a, None
+    dtype = scales_dtype(a, b)
+    if is_static(a) and is_static(b):
+        return _static_clamped(float(a) * float(b), dtype)
+    a, b = cast(a, dtype), cast(b, dtype)
+    if np.shape(a) == () and np.shape(b) == ():
+        return _traced_scale_product(a, b)
+    return _clamped_product(a, b)
+
+
+def _clamped_product(a: Any, b: Any) -> Tuple[Any, Any]:
+    """The traced body of `scale_product`: ``(clamp(a * b), residual)``."""
+    dtype = np.dtype(a.dtype)
+    lo, hi, _, _ = scale_bounds(dtype)
+    p = jax.lax.mul(a, b)
+    s = clip_scale(p, lo, hi)
+    # residual = a * b / s when clamped, with no division (it would be a scalar kernel
+    # of its own: XLA never duplicates a division into its consumers). Dividing by the
+    # bound s (a power of two) is an exact shift of one factor's exponent bits, taken
+    # where it stays normal: over the top, max(a, b) > sqrt(hi), so max(a, b) / hi
+    # is normal; under the bottom, min(a, b) < sqrt(lo), so min(a, b) / lo is normal.
+    # (Multiplying by constant powers of two instead is not safe: XLA reassociates
+    # constant factors into one, a subnormal that is flushed to zero.)
+    fi = jnp.finfo(dtype)
+    itype = {2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+
+    def shift(x: Any, k: int) -> Any:  # x * 2**k, for x * 2**k normal
+        # Bits carry no gradient (as in the pow2 helpers): stopped explicitly, since
+        # `bitcast_convert_type` has no transpose rule.
+        x = jax.lax.stop_gradient(x)
+        bits = jax.lax.add(jax.lax.bitcast_convert_type(x, itype), itype(k << int(fi.nmant)))
+        return jax.lax.bitcast_convert_type(bits, dtype)
+
+    small, big = jax.lax.min(a, b), jax.lax.max(a, b)
+    over = jax.lax.mul(shift(big, -int(np.log2(hi))), small)
+    under = jax.lax.mul(shift(small, -int(np.log2(lo))), big)
+    r = jax.lax.select(jax.lax.gt(p, s), over, jax.lax.select(jax.lax.lt(p, s), under, np.ones((), dtype)))
+    return s, r
+
+
+# Scalar scales (all of them, in practice): one `jit` equation per product, whose body
+# is traced once per dtype instead of ~15 primitives traced at every rule.
+_traced_scale_product = jax.jit(_clamped_product)
+
+
+def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
+    """``a / b`` as ``(scale, residual)``, as `scale_product`."""
+    if _is_one(b):
+        return a, None
+    dtype = scales_dtype(a, b)
+    if is_static(a) and is_static(b):
+        return _static_clamped(float(a) / float(b), dtype)
+    lo, hi, _, _ = scale_bounds(dtype)
+    a, b = cast(a, dtype), cast(b, dtype)
+    p = jax.lax.div(a, b)
+    s = clip_scale(p, lo, hi)
+    r = jax.lax.select(jax.lax.eq(p, s), np.ones((), dtype), jax.lax.div(jax.lax.div(a, s), b))
+    return s, r

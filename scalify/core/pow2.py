@@ -55,16 +55,19 @@ def pow2_round_down(x: Any) -> Any:
     subnormals, infinities and NaN pass through unchanged.
     """
     dtype = _dtype_of(x)
-    x = xnp(x).asarray(x, dtype)
     itype, mask = _exponent_mask(dtype)
-    down = _from_bits(_bits(x, itype) & mask, dtype)
     if is_static(x):
+        x = np.asarray(x, dtype)
+        down = _from_bits(_bits(x, itype) & mask, dtype)
         return np.where(_special(x) | (down == 0), x, down)
     # Traced: clearing the mantissa already maps inf to inf; only zero, subnormals
-    # (both clear to 0) and NaN (which would become inf) keep their value. `lax.select`
-    # rather than `jnp.where`: four scalar ops in the program instead of a nested call.
-    keep = (down == 0) | (x != x)
-    return jax.lax.select(keep, x, down)
+    # (both clear to 0) and NaN (which would become inf) keep their value. `lax`
+    # rather than `jax.numpy`: four scalar ops, and no nested `jit` dispatch to trace.
+    lax = jax.lax
+    x = x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+    down = _from_bits(lax.bitwise_and(_bits(x, itype), mask), dtype)
+    keep = lax.bitwise_or(lax.eq(down, np.zeros((), dtype)), lax.ne(x, x))
+    return lax.select(keep, x, down)
 
 
 def pow2_round_up(x: Any) -> Any:

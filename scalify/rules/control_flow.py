@@ -51,7 +51,7 @@ from scalify.core import interpreter
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.interpreter import eval_closed_jaxpr, eval_jaxpr, scalify
-from scalify.core.operands import as_jax, compute_dtype, is_scale_free, promote, scale_dtype
+from scalify.core.operands import as_jax, cast, compute_dtype, is_scale_free, promote, scale_dtype
 from scalify.core.pow2 import is_static
 from scalify.core.registry import register_scaled_op
 
@@ -250,11 +250,11 @@ def _unstack(y: Any, kind: Any, length: int) -> Any:
         return _mk(y, kind)
     data, scales = y
     if length == 0:
-        return _mk(data, jnp.ones((), scales.dtype))
-    top = jnp.max(scales)
-    ratio = (scales / top).reshape((length,) + (1,) * (data.ndim - 1))
+        return _mk(data, np.ones((), scales.dtype))
+    top = lax.reduce_max(scales, (0,))
     cd = compute_dtype(data.dtype)
-    return _mk((data.astype(cd) * ratio.astype(cd)).astype(data.dtype), top)
+    ratio = lax.broadcast_in_dim(cast(lax.div(scales, top), cd), data.shape, (0,))
+    return _mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
 
 
 @register_scaled_op(P.while_p)

@@ -40,6 +40,7 @@ from jax.extend.core import primitives as jax_primitives
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import (
     as_jax,
+    cast,
     common_scale,
     compute_dtype,
     hypot_scale,
@@ -48,7 +49,12 @@ from scalify.core.operands import (
     out_dtype,
     promote,
     ratio_of,
+    clip_scale,
+    scale_bounds,
     scale_of,
+    scale_product,
+    scale_quotient,
+    scales_dtype,
     static_uniform_value,
 )
 from scalify.core.pow2 import is_static, pow2_round, xnp
@@ -67,60 +73,6 @@ def _or_one(s: Optional[Any]) -> Any:
     return one() if s is None else s
 
 
-def _bounds(dtype: Any) -> Tuple[float, float, int, int]:
-    """Smallest normal and largest power of two of a scale dtype, and their exponents."""
-    fi = jnp.finfo(dtype)
-    return float(fi.tiny), float(2.0 ** (fi.maxexp - 1)), int(fi.minexp), int(fi.maxexp - 1)
-
-
-def _sdtype(*scales: Any) -> np.dtype:
-    return np.dtype(jnp.result_type(*[np.asarray(s).dtype if is_static(s) else s.dtype for s in scales]))
-
-
-def _static_clamped(p: float, dtype: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """A static scale value ``p`` (exact, float64) as (scale clamped to range, residual)."""
-    lo, hi, _, _ = _bounds(dtype)
-    s = min(max(p, lo), hi)
-    with np.errstate(over="ignore", under="ignore"):
-        r = None if s == p else np.asarray(p / s, np.float32)
-    return np.asarray(s, dtype), r
-
-
-def _scale_mul(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
-    """``a * b`` as ``(scale, residual)``: ``scale`` is the product clamped to the normal
-    range of the scale dtype and ``residual = a * b / scale`` (None when exactly 1) must be
-    multiplied into the data. Static scales fold in NumPy."""
-    if _is_one(a):
-        return b, None
-    if _is_one(b):
-        return a, None
-    dtype = _sdtype(a, b)
-    if is_static(a) and is_static(b):
-        return _static_clamped(float(a) * float(b), dtype)
-    lo, hi, _, _ = _bounds(dtype)
-    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    p = a * b
-    s = _clip(p, lo, hi)
-    # Divide the smaller factor first: no intermediate leaves the float range.
-    r = lax.select(p == s, jnp.ones_like(s), (lax.min(a, b) / s) * lax.max(a, b))
-    return s, r
-
-
-def _scale_div(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
-    """``a / b`` as ``(scale, residual)``, as `_scale_mul`."""
-    if _is_one(b):
-        return a, None
-    dtype = _sdtype(a, b)
-    if is_static(a) and is_static(b):
-        return _static_clamped(float(a) / float(b), dtype)
-    lo, hi, _, _ = _bounds(dtype)
-    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    p = a / b
-    s = _clip(p, lo, hi)
-    r = lax.select(p == s, jnp.ones_like(s), (a / s) / b)
-    return s, r
-
-
 def _int_dtype(dtype: Any) -> Any:
     return {2: np.int16, 4: np.int32, 8: np.int64}[np.dtype(dtype).itemsize]
 
@@ -130,8 +82,9 @@ def _exponent(s: Any) -> Any:
     (exact; subnormals read as the smallest normal exponent minus one)."""
     fi = jnp.finfo(s.dtype)
     bits = lax.bitcast_convert_type(lax.stop_gradient(s), _int_dtype(s.dtype))
-    biased = (bits >> fi.nmant) & ((1 << fi.nexp) - 1)
-    return biased.astype(np.int32) - np.int32(fi.maxexp - 1)
+    itype = _int_dtype(s.dtype)
+    biased = lax.bitwise_and(lax.shift_right_logical(bits, itype(fi.nmant)), itype((1 << fi.nexp) - 1))
+    return lax.sub(cast(biased, np.int32), np.int32(fi.maxexp - 1))
 
 
 def _exp2_int(k: Any, dtype: Any) -> Any:
@@ -139,7 +92,7 @@ def _exp2_int(k: Any, dtype: Any) -> Any:
     built from its exponent bits (exact)."""
     fi = jnp.finfo(dtype)
     itype = _int_dtype(dtype)
-    bits = (k.astype(itype) + itype(fi.maxexp - 1)) << itype(fi.nmant)
+    bits = lax.shift_left(lax.add(cast(k, itype), itype(fi.maxexp - 1)), itype(fi.nmant))
     return lax.bitcast_convert_type(bits, np.dtype(dtype))
 
 
@@ -148,8 +101,8 @@ def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
     ``s = m * 2**e``, ``scale = 2**floor(c * e)`` clamped to the normal range and
     ``residual = s**c / scale`` (``2**frac(c * e) * m**c``; exactly 1 for a power-of-two
     ``s`` and integer ``c`` unless clamped)."""
-    dtype = _sdtype(s)
-    _, _, kmin, kmax = _bounds(dtype)
+    dtype = scales_dtype(s)
+    _, _, kmin, kmax = scale_bounds(dtype)
     if is_static(s):
         m, e = np.frexp(np.float64(s))  # s = (2m) * 2**(e-1), 2m in [1, 2)
         e = max(int(e) - 1, kmin)
@@ -159,39 +112,35 @@ def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
             r = np.float32(np.exp2(q - k) * (float(s) / 2.0**e) ** c)
         return np.asarray(np.ldexp(1.0, int(k)), dtype), (None if r == 1 else np.asarray(r))
     e = lax.max(_exponent(s), np.int32(kmin))
-    mant = (s / _exp2_int(e, dtype)).astype(np.float32)  # exact; 1 for a power of two
-    q = np.float32(c) * e.astype(np.float32)  # integer-valued for integer c
-    k = _clip(lax.floor(q), kmin, kmax)
-    frac = q - k
+    # exact; 1 for a power of two
+    mant = cast(lax.div(cast(s, dtype), _exp2_int(e, dtype)), np.float32)
+    q = lax.mul(np.float32(c), cast(e, np.float32))  # integer-valued for integer c
+    k = clip_scale(lax.floor(q), kmin, kmax)
+    frac = lax.sub(q, k)
     one32 = np.float32(1)
-    r = lax.select(frac == 0, one32, lax.exp2(frac))
-    r = r * lax.select(mant == 1, one32, lax.pow(mant, np.float32(c)))
-    return _exp2_int(k.astype(np.int32), dtype), r
-
-
-def _clip(x: Any, lo: float, hi: float) -> Any:
-    """``clamp(lo, x, hi)`` of a traced scalar (bounds cast to its dtype)."""
-    return lax.clamp(np.asarray(lo, x.dtype), x, np.asarray(hi, x.dtype))
+    r = lax.select(lax.eq(frac, np.float32(0)), one32, lax.exp2(frac))
+    r = lax.mul(r, lax.select(lax.eq(mant, one32), one32, lax.pow(mant, np.float32(c))))
+    return _exp2_int(cast(k, np.int32), dtype), r
 
 
 def _times(data: Any, r: Optional[Any]) -> Any:
     """``data * r`` (``r`` a scalar residual, None meaning 1)."""
     if r is None:
         return data
-    return data * jnp.asarray(r, data.dtype)
+    return lax.mul(data, cast(r, data.dtype))
 
 
 def _value(x: ScaledArray) -> Any:
     """The unscaled value ``data * scale`` in the compute dtype (float32 or wider)."""
-    d = as_jax(x.data).astype(compute_dtype(x.dtype))
+    d = cast(as_jax(x.data), compute_dtype(x.dtype))
     if _is_one(x.scale):
         return d
-    return d * jnp.asarray(x.scale, d.dtype)
+    return lax.mul(d, cast(x.scale, d.dtype))
 
 
 def _data(x: ScaledArray) -> Any:
     """The data in the compute dtype."""
-    return as_jax(x.data).astype(compute_dtype(x.dtype))
+    return cast(as_jax(x.data), compute_dtype(x.dtype))
 
 
 def _div_by_scale(y: Any, t: Any) -> Any:
@@ -210,10 +159,10 @@ def _min_scale(a: Any, b: Any) -> Any:
 
 def _clamp_scale(s: Any) -> Any:
     """Keep a derived scale inside the normal range of its dtype (finite, non-zero)."""
-    lo, hi, _, _ = _bounds(_sdtype(s))
+    lo, hi, _, _ = scale_bounds(scales_dtype(s))
     if is_static(s):
-        return np.asarray(min(max(float(s), lo), hi), _sdtype(s))
-    return _clip(s, lo, hi)
+        return np.asarray(min(max(float(s), lo), hi), scales_dtype(s))
+    return clip_scale(s, lo, hi)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,14 +177,14 @@ def add(x: Any, y: Any, **params: Any) -> ScaledArray:
     constant (``x + 0``) keeps the other operand's scale. Also the rule of autodiff's
     ``add_any`` (``add_jaxvals_p``), which sums cotangents."""
     s = hypot_scale(scale_of(x), scale_of(y))
-    return ScaledArray((in_scale(x, s) + in_scale(y, s)).astype(out_dtype(x, y)), s)
+    return ScaledArray(cast(lax.add(in_scale(x, s), in_scale(y, s)), out_dtype(x, y)), s)
 
 
 @register_scaled_op(lax.sub_p)
 def sub(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x - y``, scaled as `add`."""
     s = hypot_scale(scale_of(x), scale_of(y))
-    return ScaledArray((in_scale(x, s) - in_scale(y, s)).astype(out_dtype(x, y)), s)
+    return ScaledArray(cast(lax.sub(in_scale(x, s), in_scale(y, s)), out_dtype(x, y)), s)
 
 
 @register_scaled_op(lax.mul_p)
@@ -246,19 +195,19 @@ def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
     as it is (``x * 0`` is 0, ``inf * 0`` is NaN, like float32). A scale product outside
     the float32 normal range is clamped and the excess goes into the data."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
-    s, r = _scale_mul(sx, sy)
-    data = _times(in_scale(x, sx) * in_scale(y, sy), r)
+    s, r = scale_product(sx, sy)
+    data = _times(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
     dtype = params.get("out_dtype") or out_dtype(x, y)
-    return ScaledArray(data.astype(dtype), s)
+    return ScaledArray(cast(data, dtype), s)
 
 
 @register_scaled_op(lax.div_p)
 def div(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x / y`` at scale ``sx / sy`` (static constants and clamping as in `mul`)."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
-    s, r = _scale_div(sx, sy)
-    data = _times(in_scale(x, sx) / in_scale(y, sy), r)
-    return ScaledArray(data.astype(out_dtype(x, y)), s)
+    s, r = scale_quotient(sx, sy)
+    data = _times(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
+    return ScaledArray(cast(data, out_dtype(x, y)), s)
 
 
 @register_scaled_op(lax.neg_p)
@@ -372,7 +321,7 @@ def _aligned_low(*xs: Any) -> list:
         s = scales[0]
         for t in scales[1:]:
             s = _min_scale(s, t)
-    _, hi, _, _ = _bounds(_sdtype(s))
+    _, hi, _, _ = scale_bounds(scales_dtype(s))
     out = []
     for x in xs:
         if isinstance(x, ScaledArray):
@@ -502,8 +451,9 @@ def log(x: ScaledArray, **params: Any) -> ScaledArray:
     s = x.scale
     y = lax.log_p.bind(_data(x), **params)
     if not _is_one(s):
-        y = y + xnp(s).log(s).astype(y.dtype)
-    return ScaledArray(y.astype(x.dtype), one())
+        log_s = np.log(s) if is_static(s) else lax.log(s)
+        y = lax.add(y, cast(log_s, y.dtype))
+    return ScaledArray(cast(y, x.dtype), one())
 
 
 # --------------------------------------------------------------------------------------

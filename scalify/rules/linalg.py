@@ -20,14 +20,14 @@ import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, promote, scale_dtype
+from scalify.core.operands import as_jax, cast, promote, scale_dtype, scale_mul
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
 
 # Used by the solver/decomposition rules at the end of this module.
 from jax.extend.core import primitives as _P  # noqa: E402
 from scalify.core.interpreter import eval_closed_jaxpr  # noqa: E402
-from scalify.core.operands import common_scale, compute_dtype, in_scale, one  # noqa: E402
+from scalify.core.operands import common_scale, compute_dtype, in_scale, one, scale_quotient  # noqa: E402
 from scalify.core.pow2 import is_static  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def _cast(x: Any, dtype: Any) -> Any:
     if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
         big = float(jnp.finfo(dtype).max)
         x = jnp.clip(x, -big, big)
-    return x.astype(dtype)
+    return cast(x, dtype)
 
 
 def fan_in_factor(k: int) -> np.ndarray:
@@ -55,7 +55,7 @@ def fan_in_factor(k: int) -> np.ndarray:
 def _rescale(acc: Any, factor: Any, dtype: Any) -> Any:
     """``acc / factor`` (float32, exact for a power of two), rounded once to ``dtype``."""
     if factor != 1:
-        acc = acc * np.asarray(1 / factor, acc.dtype)
+        acc = lax.mul(acc, np.asarray(1 / factor, acc.dtype))
     return _cast(acc, dtype)
 
 
@@ -73,9 +73,9 @@ def _scaled_contraction(
     acc_dtype = _accumulation_dtype(lhs.dtype, rhs.dtype, out_type)
     factor = fan_in_factor(k)
     ld, rd = as_jax(lhs.data), as_jax(rhs.data)
-    scale = lhs.scale * rhs.scale
+    scale = scale_mul(lhs.scale, rhs.scale)
     if factor != 1:
-        scale = scale * factor
+        scale = scale_mul(scale, factor)
     same = {np.dtype(lhs.dtype), np.dtype(rhs.dtype), np.dtype(out_type)} == {acc_dtype}
     if factor != 1 and out_size is not None and same:
         # Data already in the accumulation dtype: dividing an operand by the power of
@@ -86,7 +86,7 @@ def _scaled_contraction(
         small = min((ld.size, 0), (rd.size, 1))
         if small[0] < out_size:
             inv = np.asarray(1 / factor, acc_dtype)
-            ld, rd = (ld * inv, rd) if small[1] == 0 else (ld, rd * inv)
+            ld, rd = (lax.mul(ld, inv), rd) if small[1] == 0 else (ld, lax.mul(rd, inv))
             return ScaledArray(contract(ld, rd, acc_dtype), scale)
     acc = contract(ld, rd, acc_dtype)
     return ScaledArray(_rescale(acc, factor, out_type), scale)
@@ -248,24 +248,6 @@ def _data32(x: ScaledArray) -> Any:
     return as_jax(x.data).astype(compute_dtype(x.dtype))
 
 
-def _scale_ratio(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
-    """``a / b`` as ``(scale, residual)``: the scale clamped to the normal float32 range
-    (so it stays a finite power of two) and ``residual = a / b / scale`` (None when
-    exactly 1) to multiply into the data. NumPy when both scales are static."""
-    fi = np.finfo(scale_dtype())
-    lo, hi = float(fi.tiny), float(2.0 ** (fi.maxexp - 1))
-    if is_static(a) and is_static(b):
-        p = float(a) / float(b)
-        s = min(max(p, lo), hi)
-        return np.asarray(s, scale_dtype()), (None if s == p else np.float32(p / s))
-    a = jnp.asarray(a, scale_dtype())
-    b = jnp.asarray(b, scale_dtype())
-    p = a / b
-    s = jnp.clip(p, lo, hi)
-    r = jnp.where(p == s, jnp.ones_like(s), (a / s) / b)
-    return s, r
-
-
 def _times_residual(x: Any, r: Optional[Any]) -> Any:
     return x if r is None else x * jnp.asarray(r, x.dtype)
 
@@ -284,7 +266,7 @@ def triangular_solve(a: Any, b: Any, *, unit_diagonal: bool = False, **params: A
         scale, r = b.scale, None
     else:
         da = _data32(a)
-        scale, r = _scale_ratio(b.scale, a.scale)
+        scale, r = scale_quotient(b.scale, a.scale)
     x = lax.linalg.triangular_solve_p.bind(da, db, unit_diagonal=unit_diagonal, **params)
     return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
 
@@ -394,7 +376,7 @@ def tridiagonal_solve(dl: Any, d: Any, du: Any, b: Any, **params: Any) -> Scaled
     st = common_scale(dl, d, du)
     cd = compute_dtype(b.dtype)
     diags = [in_scale(v, st, cd) for v in (dl, d, du)]
-    scale, r = _scale_ratio(b.scale, st)
+    scale, r = scale_quotient(b.scale, st)
     x = lax.linalg.tridiagonal_solve_p.bind(*diags, _data32(b), **params)
     return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
 

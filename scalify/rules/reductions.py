@@ -15,14 +15,15 @@ Every rule computes in float32 (or wider) and rounds once to the output dtype.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, compute_dtype, scale_dtype
+from scalify.core.operands import as_jax, cast, compute_dtype, scale_dtype, scale_mul
+from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
 
@@ -38,7 +39,7 @@ def _cast(x: Any, dtype: Any) -> Any:
     if dtype.itemsize == 1:
         big = float(jnp.finfo(dtype).max)
         x = jnp.clip(x, -big, big)
-    return x.astype(dtype)
+    return cast(x, dtype)
 
 
 # Reductions over at least this many elements measure their output scale (see
@@ -66,24 +67,44 @@ def reduce_sum(x: ScaledArray, *, axes: Sequence[int], **params: Any) -> ScaledA
     """
     n = _num_reduced(x.shape, axes)
     cd = compute_dtype(x.dtype)
-    total = lax.reduce_sum_p.bind(as_jax(x.data).astype(cd), axes=tuple(axes), **params)
+    total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
     if n >= MEASURED_MIN_REDUCED:
-        m = _pow2_rms(total)
-        return ScaledArray(_cast(total * (1 / m), x.dtype), x.scale * m.astype(scale_dtype()))
+        m, inv_m = _pow2_rms(total)
+        return ScaledArray(_cast(lax.mul(total, inv_m), x.dtype), scale_mul(x.scale, cast(m, scale_dtype())))
     factor = pow2_round(np.sqrt(np.asarray(max(n, 1), scale_dtype())))
     if factor != 1:
-        total = total * np.asarray(1 / factor, cd)
-        return ScaledArray(_cast(total, x.dtype), x.scale * factor)
+        total = lax.mul(total, np.asarray(1 / factor, cd))
+        return ScaledArray(_cast(total, x.dtype), scale_mul(x.scale, factor))
     return ScaledArray(_cast(total, x.dtype), x.scale)
 
 
-def _pow2_rms(total: Any) -> Any:
-    """``pow2(rms(total))`` as a traced scalar of ``total``'s dtype (gradient stopped);
-    1 for all-zero or non-finite sums. The sums are float32 values of data summed N
-    times, far from float32's limits, so squaring them is safe."""
-    rms = jnp.sqrt(jnp.mean(lax.square(lax.stop_gradient(total))))
-    ok = (rms >= jnp.finfo(total.dtype).tiny) & jnp.isfinite(rms)
-    return lax.select(ok, pow2_round(lax.select(ok, rms, jnp.ones_like(rms))), jnp.ones_like(rms))
+def _pow2_rms(total: Any) -> Tuple[Any, Any]:
+    """``(m, 1 / m)`` with ``m = pow2(rms(total))``, traced scalars of ``total``'s dtype
+    (gradient stopped); ``m = 1`` when the mean square is zero, below the smallest
+    normal number (an RMS under about 2**-63 in float32: pure cancellation noise, since
+    the summed data are near unit size) or not finite.
+
+    With the default DOWN rounding both are built from the exponent bits of the mean
+    square ``v``: ``pow2_down(sqrt(v)) = 2**floor(floor(log2 v) / 2)``, exactly. Integer
+    operations only, which XLA fuses into the consumers (a square root or a division
+    would each be a kernel of their own). Other rounding modes take the square root."""
+    t = lax.stop_gradient(total)
+    dtype = np.dtype(t.dtype)
+    fi = jnp.finfo(dtype)
+    v = lax.reduce_sum(lax.square(t), tuple(range(t.ndim)))
+    v = lax.mul(v, np.asarray(1 / max(t.size, 1), dtype))  # the mean square
+    ok = lax.bitwise_and(lax.ge(v, np.asarray(fi.tiny, dtype)), lax.le(v, np.asarray(fi.max, dtype)))
+    v = lax.select(ok, v, np.ones((), dtype))
+    if get_config().rounding_mode == Pow2RoundMode.DOWN:
+        itype = {4: np.int32, 8: np.int64}[dtype.itemsize]
+        bias = itype(fi.maxexp - 1)
+        nmant = itype(fi.nmant)
+        biased = lax.shift_right_logical(lax.bitcast_convert_type(v, itype), nmant)  # v > 0
+        k = lax.shift_right_arithmetic(lax.sub(biased, bias), itype(1))  # floor(e / 2)
+        m = lax.bitcast_convert_type(lax.shift_left(lax.add(k, bias), nmant), dtype)
+        return m, lax.bitcast_convert_type(lax.shift_left(lax.sub(bias, k), nmant), dtype)
+    m = pow2_round(lax.sqrt(v))
+    return m, lax.div(np.ones((), dtype), m)
 
 
 @register_scaled_op(lax.reduce_max_p)
