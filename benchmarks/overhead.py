@@ -1,11 +1,12 @@
 """Overhead of scalify: trace, compile and run time of `jit(scalify(step))` vs `jit(step)`.
 
-    python benchmarks/overhead.py [--repeats 50] [--dtype float32 float16] [--out PATH]
+    python benchmarks/overhead.py [--repeats 50] [--rounds 5] [--dtype float32 float16] [--out PATH]
 
 For each model (a 784-512-512-10 MLP SGD step at batch 128, and a small GPT training step
 with `lax.scan` over layers) and each data dtype, both versions are measured side by side
-in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`), lower+compile
-and steady-state run (median over repeats). Results go to JSON.
+in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`) and
+lower+compile (median over `--rounds` from-scratch rounds, caches cleared), and
+steady-state run (median over `--repeats`). Results go to JSON.
 """
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int) -> Dict[str, Any]:
+def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5) -> Dict[str, Any]:
     variants = {"jax": (step, plain_args), "scalify": (sfy.scalify(step), scaled_args)}
     res: Dict[str, Dict[str, List[float]]] = {k: {"trace": [], "compile": [], "run": []} for k in variants}
     compiled = {}
-    for _ in range(3):  # trace/compile from scratch a few times, interleaved
+    for _ in range(rounds):  # trace/compile from scratch a few times, interleaved
         for name, (fn, args) in variants.items():
             jax.clear_caches()  # no compilation-cache hits: measure real work
             jitted = jax.jit(fn)
@@ -100,7 +101,8 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int)
 
 def main(argv: Any = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs of each compiled step")
+    parser.add_argument("--rounds", type=int, default=5, help="from-scratch traces and compiles")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float16"])
     parser.add_argument("--models", nargs="+", default=["mlp", "gpt"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
@@ -113,12 +115,13 @@ def main(argv: Any = None) -> Dict[str, Any]:
     for model in args.models:
         for dt in args.dtype:
             step, plain, scaled = cases[model](jnp.dtype(dt))
-            r = measure(step, plain, scaled, args.repeats)
+            r = measure(step, plain, scaled, args.repeats, args.rounds)
             name = f"{model}-{dt}"
             results["cases"][name] = r
             q = r["ratio"]
             print(f"{name:<16}{q['trace']:>9.2f}x{q['compile']:>9.2f}x{q['run']:>9.2f}x"
-                  f"   run {r['median_s']['jax']['run'] * 1e3:.2f} ms vs {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
+                  f"   run: jax {r['median_s']['jax']['run'] * 1e3:.2f} ms, "
+                  f"scalify {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

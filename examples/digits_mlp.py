@@ -14,29 +14,20 @@ It prints the test accuracy of each; the scalified runs match float32 within a p
 """
 from __future__ import annotations
 
-import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import scalify as sfy
 import scalify.fp8  # noqa: F401
 import scalify.optim  # noqa: F401
 
-
-def load_data(seed: int = 0):
-    """(train, test) splits of the 1797 8x8 digits, standardised features, int labels."""
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-3)
-    y = digits.target.astype(np.int32)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    n_test = len(x) // 5
-    return (x[idx[n_test:]], y[idx[n_test:]]), (x[idx[:n_test]], y[idx[:n_test]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import accuracy, fit, load_digits_split, make_train_step, parse_steps, print_results  # noqa: E402
 
 
 def init_params(key, sizes=(64, 256, 256, 10)):
@@ -63,13 +54,7 @@ def make_step(mode: str, lr: float):
     (params, state, loss)``."""
     if mode == "float32":
         opt = optax.adam(lr)
-
-        def step(params, state, x, y):
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        return opt, jax.jit(step)
+        return opt, jax.jit(make_train_step(loss_fn, opt, scalified=False))
 
     # Adam state stored as float16 ScaledArrays; every update computed in float32.
     opt = sfy.optim.scaled_state(optax.adam(lr), dtype=jnp.float16)
@@ -81,58 +66,37 @@ def make_step(mode: str, lr: float):
     else:
         loss = sfy.fp8.autocast(loss_fn, fwd_dtype=jnp.float16, bwd_dtype=jnp.float16)
 
-    def step(params, state, x, y):
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        # Keep the weights' data at unit RMS (the norm goes into the power-of-two scale).
-        params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)
-        return params, state, value
-
+    # Weight data are kept at unit RMS after each update (the norm goes into the scale).
+    step = make_train_step(loss, opt, scalified=True)
     return opt, jax.jit(sfy.scalify(step))
 
 
-def accuracy(mode: str, params, x, y) -> float:
+def evaluate(mode: str, params, x, y) -> float:
     if mode == "float32":
-        logits = forward(params, x)
-    else:  # evaluate the way the model trained: scalified, float16 inputs
-        fwd = sfy.scalify(forward if mode == "scalify-fp16" else sfy.fp8.autocast(forward))
-        logits = sfy.asarray(jax.jit(fwd)(params, sfy.as_scaled_array(jnp.asarray(x), dtype=jnp.float16)),
-                             dtype=jnp.float32)
-    return float(jnp.mean(jnp.argmax(logits, -1) == y))
+        return accuracy(forward(params, x), y)
+    # Evaluated the way the model trained: scalified, float16 inputs.
+    fwd = sfy.scalify(forward if mode == "scalify-fp16" else sfy.fp8.autocast(forward))
+    return accuracy(jax.jit(fwd)(params, sfy.as_scaled_array(jnp.asarray(x), dtype=jnp.float16)), y)
 
 
 def train(mode: str, steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0):
-    (xtr, ytr), (xte, yte) = load_data(seed)
+    (xtr, ytr), (xte, yte) = load_digits_split(seed)
     params = init_params(jax.random.PRNGKey(seed))
     if mode != "float32":
         # Float16 ScaledArrays whose data has unit RMS (as_scaled_array unit-scales).
         params = sfy.as_scaled_array(params, dtype=jnp.float16)
     opt, step = make_step(mode, lr)
-    state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = rng.integers(0, len(xtr), batch)
-        x = jnp.asarray(xtr[idx])
-        if mode != "float32":
-            x = sfy.as_scaled_array(x, dtype=jnp.float16)
-        params, state, loss = step(params, state, x, ytr[idx])
-    loss = float(sfy.asarray(loss, dtype=jnp.float32))
-    return {"mode": mode, "final_loss": loss, "test_accuracy": accuracy(mode, params, xte, yte),
-            "seconds": time.perf_counter() - t0}
+    params, _, loss, seconds = fit(step, params, opt.init(params), xtr, ytr, steps, batch, seed,
+                                   scalified=mode != "float32")
+    return {"mode": mode, "final_loss": loss, "test_accuracy": evaluate(mode, params, xte, yte),
+            "seconds": seconds}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--quick", action="store_true", help="a few steps, for tests")
-    args = parser.parse_args(argv)
+    args = parse_steps(argv, __doc__, default=400)
     steps = 25 if args.quick else args.steps
     results = [train(m, steps) for m in ("float32", "scalify-fp16", "scalify-fp8")]
-    print(f"{'mode':<14}{'final loss':>12}{'test acc':>10}{'time (s)':>10}")
-    for r in results:
-        print(f"{r['mode']:<14}{r['final_loss']:>12.4f}{r['test_accuracy']:>10.3f}{r['seconds']:>10.1f}")
+    print_results(results, "test_accuracy", "test acc")
     return results
 
 

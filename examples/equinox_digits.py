@@ -16,33 +16,24 @@ The same model trains in plain float32 beside it; both test accuracies are print
 """
 from __future__ import annotations
 
-import argparse
-import time
+import os
+import sys
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import scalify as sfy
 import scalify.fp8  # noqa: F401
 import scalify.optim  # noqa: F401
 
-
-def load_data(seed: int = 0):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-3)
-    y = digits.target.astype(np.int32)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    n_test = len(x) // 5
-    return (x[idx[n_test:]], y[idx[n_test:]]), (x[idx[:n_test]], y[idx[:n_test]])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import compare_float32_fp8, digits_result, fit, load_digits_split, make_train_step  # noqa: E402
 
 
 def train(scalified: bool, steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0):
-    (xtr, ytr), (xte, yte) = load_data(seed)
+    (xtr, ytr), (xte, yte) = load_digits_split(seed)
     # SiLU rather than jax.nn.gelu: gelu's default tanh approximation computes x**3, and
     # scalify's integer_pow rule cubes the data (data**3 at scale**3) without rescaling, so
     # float16 data overflows once pre-activations' data drift past ~40 (README, "Limitations").
@@ -63,47 +54,15 @@ def train(scalified: bool, steps: int, batch: int = 128, lr: float = 3e-3, seed:
     else:
         opt, loss = inner, loss_fn
 
-    def step(params, state, x, y):
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        if scalified:  # unit-RMS weight data
-            params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)
-        return params, state, value
-
+    step = make_train_step(loss, opt, scalified)
     step = jax.jit(sfy.scalify(step) if scalified else step)
-    state = opt.init(params)
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = rng.integers(0, len(xtr), batch)
-        x = jnp.asarray(xtr[idx])
-        if scalified:
-            x = sfy.as_scaled_array(x, dtype=jnp.float16)
-        params, state, value = step(params, state, x, ytr[idx])
-    seconds = time.perf_counter() - t0
-    x = jnp.asarray(xte)
-    apply = logits_fn
-    if scalified:
-        apply = sfy.scalify(sfy.fp8.autocast(logits_fn))
-        x = sfy.as_scaled_array(x, dtype=jnp.float16)
-    logits = sfy.asarray(jax.jit(apply)(params, x), dtype=jnp.float32)
-    return {"mode": "scalify-fp8" if scalified else "float32",
-            "final_loss": float(sfy.asarray(value, dtype=jnp.float32)),
-            "test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == yte)), "seconds": seconds}
+    params, _, loss_value, seconds = fit(step, params, opt.init(params), xtr, ytr, steps, batch, seed,
+                                         scalified)
+    return digits_result(logits_fn, params, xte, yte, scalified, loss_value, seconds)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="a few steps, for tests")
-    args = parser.parse_args(argv)
-    steps = 15 if args.quick else args.steps
-    results = [train(False, steps), train(True, steps)]
-    print(f"{'mode':<14}{'final loss':>12}{'test acc':>10}{'time (s)':>10}")
-    for r in results:
-        print(f"{r['mode']:<14}{r['final_loss']:>12.4f}{r['test_accuracy']:>10.3f}{r['seconds']:>10.1f}")
-    return results
+    return compare_float32_fp8(train, argv, __doc__)
 
 
 if __name__ == "__main__":

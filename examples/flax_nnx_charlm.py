@@ -17,8 +17,8 @@ The same model trains in plain float32 beside it; both validation losses are pri
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import sysconfig
 import time
 
@@ -31,6 +31,9 @@ from flax import nnx
 import scalify as sfy
 import scalify.fp8  # noqa: F401
 import scalify.optim  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import make_train_step, parse_steps, print_results  # noqa: E402
 
 VOCAB = 97  # newline, tab and printable ASCII (anything else becomes '?')
 
@@ -104,14 +107,7 @@ def train(scalified: bool, steps: int, batch: int = 16, seq: int = 64, lr: float
     else:
         opt, loss = optax.adam(schedule), loss_fn
 
-    def step(params, state, tokens):
-        value, grads = jax.value_and_grad(loss)(params, tokens)
-        updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        if scalified:
-            params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)  # unit-RMS weight data
-        return params, state, value
-
+    step = make_train_step(loss, opt, scalified)
     step = jax.jit(sfy.scalify(step) if scalified else step)
     evaluate = jax.jit(sfy.scalify(loss) if scalified else loss)
     state = opt.init(params)
@@ -129,15 +125,10 @@ def train(scalified: bool, steps: int, batch: int = 16, seq: int = 64, lr: float
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--quick", action="store_true", help="a few steps, for tests")
-    args = parser.parse_args(argv)
+    args = parse_steps(argv, __doc__, default=200)
     size = dict(steps=6, d=32, layers=1, seq=32) if args.quick else dict(steps=args.steps)
     results = [train(False, **size), train(True, **size)]
-    print(f"{'mode':<14}{'final loss':>12}{'val loss':>10}{'time (s)':>10}")
-    for r in results:
-        print(f"{r['mode']:<14}{r['final_loss']:>12.4f}{r['val_loss']:>10.4f}{r['seconds']:>10.1f}")
+    print_results(results, "val_loss", "val loss")
     return results
 
 
