@@ -101,6 +101,22 @@ def test_reduce_sum_rounding_mode_up():
     assert_close(out, X.sum(1), np.float16, atol=4 * 2.0**-14)
 
 
+def test_measured_scale_rounding_modes():
+    """The measured scale is pow2(rms(sum)) in the active rounding mode: DOWN from the
+    mean square's exponent bits, UP through the square root; both exact at and next to a
+    power of two (rms exactly 4, and just below and above it)."""
+    for rms in (4.0, 4.0 * (1 - 2.0**-20), 4.0 * (1 + 2.0**-20), 3.0, 0.75):
+        x = scaled(np.full((16, 4), rms / 16, np.float32), 1.0, np.float32)  # each sum: rms
+        f = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))
+        total = float(np.sum(np.full(16, np.float32(rms / 16), np.float32)))
+        down = 2.0 ** np.floor(np.log2(total))
+        assert float(f(x).scale) == down, rms
+        with sfy.ScalifyConfig(rounding_mode=sfy.Pow2RoundMode.UP):
+            up = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
+        assert float(up.scale) == (down if down == total else 2 * down), rms
+        assert_close(up, np.asarray(x.data).sum(0), np.float32)
+
+
 def test_jnp_sum_keepdims_float32_data():
     x = scaled(X, 2.0**50, np.float32)
     for f in (lambda x: jnp.sum(x, axis=(0, 2), keepdims=True), lambda x: x.sum(axis=-1, keepdims=True)):
