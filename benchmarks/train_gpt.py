@@ -362,11 +362,10 @@ def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, tel
         # Non-finite values among the recorded weights, gradients and optimizer state (the
         # trees the step hands back), and which ops' outputs held any: the causal mask's
         # -inf (a `select_n`) is there by design, softmax turns it into 0.
-        trees = [x for x in cap.records if x.kind != "activation" and x.nonfinite > 0]
-        first = min(trees, key=lambda x: x.step) if trees else None
+        first = cap.first_nonfinite(exclude_kinds=("activation",))
         telemetry["first_nonfinite_weight_grad_state"] = (
-            None if first is None else {"step": first.step, "kind": first.kind, "name": first.name,
-                                        "count": int(first.nonfinite)})
+            None if first is None else {"step": first["step"], "kind": first["kind"],
+                                        "name": first["where"], "count": first["count"]})
         telemetry["recorded_steps"] = len({x.step for x in cap.records})
         acts = [x for x in cap.records if x.kind == "activation"]
         telemetry["ops_with_nonfinite_outputs"] = sorted({x.name.split(" @ ")[0] for x in acts if x.nonfinite > 0})

@@ -13,6 +13,7 @@ Usage in a training loop::
         cap.end_step(loss)                  # blocks on the step, closes the record
 
     cap.first_nonfinite()                   # {'step', 'primitive', 'where', ...} or None
+    cap.first_nonfinite(exclude_kinds=("activation",))  # weights, gradients, state only
     sfy.telemetry.plot_scales(cap, "scales.png")
 
 Activations and gradients inside the step are tapped with `jax.debug.callback`: each
@@ -26,7 +27,7 @@ import contextlib
 import functools
 import dataclasses
 import threading
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +125,17 @@ class Capture:
         self.step += 1
 
     # --- queries ---------------------------------------------------------------------
-    def first_nonfinite(self) -> Optional[Dict[str, Any]]:
+    def first_nonfinite(self, kinds: Optional[Sequence[str]] = None,
+                        exclude_kinds: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
         """The earliest step's first equation (program order) whose output holds a
-        non-finite value: ``{'step', 'primitive', 'where', 'kind', 'count'}``, or None."""
-        bad = [r for r in self.records if r.nonfinite > 0]
+        non-finite value: ``{'step', 'primitive', 'where', 'kind', 'count'}``, or None.
+
+        ``kinds`` restricts the search to records of those kinds; ``exclude_kinds``
+        leaves some out. A causal mask filled with ``-inf`` is a non-finite activation by
+        design: ``exclude_kinds=("activation",)`` then looks only at the recorded trees
+        (weights, gradients, optimizer state)."""
+        bad = [r for r in self.records if r.nonfinite > 0 and r.kind not in exclude_kinds
+               and (kinds is None or r.kind in kinds)]
         if not bad:
             return None
         first = min(bad, key=lambda r: (r.step, r.order < 0, r.order))

@@ -59,6 +59,13 @@ def test_first_nonfinite_names_the_primitive_and_line():
     first = cap.first_nonfinite()
     assert first is not None and first["primitive"] == "log", first
     assert "test_telemetry.py" in first["where"] and first["step"] == 0
+    # The filters: the NaN is in activations, none in the (absent) recorded trees.
+    assert cap.first_nonfinite(kinds=("activation",))["primitive"] == "log"
+    assert cap.first_nonfinite(exclude_kinds=("activation",)) is None
+    cap.record_tree("weights", {"w": scaled([1.0, np.inf], 1.0)})
+    cap.end_step()
+    tree = cap.first_nonfinite(exclude_kinds=("activation",))
+    assert tree is not None and tree["kind"] == "weights" and tree["step"] == 1, tree
 
 
 def test_plot_scales_writes_png(tmp_path):
