@@ -20,7 +20,7 @@ import numpy as np
 
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype  # noqa: F401
-from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
+from scalify.core.pow2 import int_dtype, is_static, pow2_round, pow2_round_down, xnp
 
 
 def static_uniform_value(x: Any) -> Optional[np.generic]:
@@ -64,6 +64,24 @@ def cast(x: Any, dtype: Any) -> Any:
     if is_static(x):
         return np.asarray(x, dtype)
     return x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
+
+
+def saturating_cast(x: Any, dtype: Any) -> Any:
+    """``cast(x, dtype)``, saturating to the format's largest finite value for float8
+    formats (E4M3FN has no infinity: an overflowing cast would give NaN)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 1 and is_float_dtype(dtype):
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -big, big)
+    return cast(x, dtype)
+
+
+def times_residual(data: Any, r: Optional[Any]) -> Any:
+    """``data * r`` for the residual ``r`` of `scale_product` / `scale_quotient` (a
+    scalar; None means 1)."""
+    if r is None:
+        return data
+    return jax.lax.mul(data, cast(r, data.dtype))
 
 
 def _scale_binary(np_fn: Any, lax_fn: Any) -> Any:
@@ -310,7 +328,7 @@ def _clamped_product(a: Any, b: Any) -> Tuple[Any, Any]:
     # (Multiplying by constant powers of two instead is not safe: XLA reassociates
     # constant factors into one, a subnormal that is flushed to zero.)
     fi = jnp.finfo(dtype)
-    itype = {2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+    itype = int_dtype(dtype)
 
     def shift(x: Any, k: int) -> Any:  # x * 2**k, for x * 2**k normal
         # Bits carry no gradient (as in the pow2 helpers): stopped explicitly, since

@@ -29,10 +29,38 @@ def xnp(*xs: Any):
 _INT_OF = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
+def int_dtype(dtype: Any) -> Any:
+    """The signed integer dtype of the same width as the float ``dtype``."""
+    return _INT_OF[np.dtype(dtype).itemsize]
+
+
+def exponent(s: Any) -> Any:
+    """``floor(log2(s))`` (int32) of a traced positive normal float, from its exponent
+    bits (exact; subnormals read as the smallest normal exponent minus one). No
+    gradient."""
+    lax = jax.lax
+    fi = jnp.finfo(s.dtype)
+    itype = int_dtype(s.dtype)
+    bits = lax.bitcast_convert_type(lax.stop_gradient(s), itype)
+    biased = lax.bitwise_and(lax.shift_right_logical(bits, itype(fi.nmant)), itype((1 << fi.nexp) - 1))
+    return lax.sub(lax.convert_element_type(biased, np.int32), np.int32(fi.maxexp - 1))
+
+
+def exp2_int(k: Any, dtype: Any) -> Any:
+    """``2**k`` for a traced integer ``k`` in the normal exponent range of ``dtype``,
+    built from its exponent bits (exact)."""
+    lax = jax.lax
+    fi = jnp.finfo(dtype)
+    itype = int_dtype(dtype)
+    k = lax.convert_element_type(k, itype)
+    bits = lax.shift_left(lax.add(k, itype(fi.maxexp - 1)), itype(fi.nmant))
+    return lax.bitcast_convert_type(bits, np.dtype(dtype))
+
+
 def _exponent_mask(dtype: Any):
     """Integer dtype of the same width and the mask of the exponent bits of ``dtype``."""
     fi = jnp.finfo(dtype)
-    itype = _INT_OF[np.dtype(dtype).itemsize]
+    itype = int_dtype(dtype)
     return itype, itype(((1 << fi.nexp) - 1) << fi.nmant)
 
 

@@ -44,9 +44,9 @@ from jax.extend.core import primitives as P
 from jax.sharding import PartitionSpec
 
 from scalify import _jax_compat
-from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.datatype import ScaledArray
 from scalify.core.interpreter import eval_jaxpr
-from scalify.core.operands import as_jax, common_scale, compute_dtype, in_scale, one, scale_dtype
+from scalify.core.operands import as_jax, common_scale, compute_dtype, in_scale, one, saturating_cast, scale_dtype
 from scalify.core.pow2 import is_static, pow2_round
 from scalify.core.registry import register_scaled_op
 
@@ -111,16 +111,6 @@ def _agree(scale: Any, data: Any, names: Sequence[Any], groups: Any = None) -> A
     return lax.pmax(jnp.asarray(scale), tuple(axes), axis_index_groups=groups)
 
 
-def _round(x: Any, dtype: Any) -> Any:
-    """``x`` (float32) rounded once to ``dtype``, saturating for float8 formats (E4M3FN has
-    no infinity: an overflowing cast would give NaN)."""
-    dtype = np.dtype(dtype)
-    if dtype.itemsize == 1 and is_float_dtype(dtype):
-        big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
-    return x.astype(dtype)
-
-
 def _sqrt_factor(n: int) -> np.ndarray:
     """``pow2(sqrt(n))`` as a static scale (1 for ``n <= 1``)."""
     return pow2_round(np.sqrt(np.asarray(max(int(n), 1), scale_dtype())))
@@ -152,7 +142,7 @@ def _scaled_sum(prim: Any, x: Any, names: Sequence[Any], groups: Any, local: int
     factor = _sqrt_factor(_group_size(names, groups) * local)
     if factor != 1:
         acc = acc * np.asarray(1 / factor, acc.dtype)
-    return ScaledArray(_round(acc, x.dtype), _times(s, factor))
+    return ScaledArray(saturating_cast(acc, x.dtype), _times(s, factor))
 
 
 def _psum(prim: Any, operands: Sequence[Any], axes: Any, groups: Any, params: dict) -> Any:

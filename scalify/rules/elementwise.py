@@ -56,8 +56,9 @@ from scalify.core.operands import (
     scale_quotient,
     scales_dtype,
     static_uniform_value,
+    times_residual,
 )
-from scalify.core.pow2 import is_static, pow2_round, xnp
+from scalify.core.pow2 import exp2_int, exponent, is_static, pow2_round, xnp
 from scalify.core.registry import register_scaled_op
 
 # --------------------------------------------------------------------------------------
@@ -71,29 +72,6 @@ def _is_one(s: Any) -> bool:
 
 def _or_one(s: Optional[Any]) -> Any:
     return one() if s is None else s
-
-
-def _int_dtype(dtype: Any) -> Any:
-    return {2: np.int16, 4: np.int32, 8: np.int64}[np.dtype(dtype).itemsize]
-
-
-def _exponent(s: Any) -> Any:
-    """``floor(log2(s))`` of a traced positive normal scale, from its exponent bits
-    (exact; subnormals read as the smallest normal exponent minus one)."""
-    fi = jnp.finfo(s.dtype)
-    bits = lax.bitcast_convert_type(lax.stop_gradient(s), _int_dtype(s.dtype))
-    itype = _int_dtype(s.dtype)
-    biased = lax.bitwise_and(lax.shift_right_logical(bits, itype(fi.nmant)), itype((1 << fi.nexp) - 1))
-    return lax.sub(cast(biased, np.int32), np.int32(fi.maxexp - 1))
-
-
-def _exp2_int(k: Any, dtype: Any) -> Any:
-    """``2**k`` for a traced integer ``k`` in the normal exponent range of ``dtype``,
-    built from its exponent bits (exact)."""
-    fi = jnp.finfo(dtype)
-    itype = _int_dtype(dtype)
-    bits = lax.shift_left(lax.add(cast(k, itype), itype(fi.maxexp - 1)), itype(fi.nmant))
-    return lax.bitcast_convert_type(bits, np.dtype(dtype))
 
 
 def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
@@ -111,23 +89,16 @@ def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
         with np.errstate(over="ignore", under="ignore"):
             r = np.float32(np.exp2(q - k) * (float(s) / 2.0**e) ** c)
         return np.asarray(np.ldexp(1.0, int(k)), dtype), (None if r == 1 else np.asarray(r))
-    e = lax.max(_exponent(s), np.int32(kmin))
+    e = lax.max(exponent(s), np.int32(kmin))
     # exact; 1 for a power of two
-    mant = cast(lax.div(cast(s, dtype), _exp2_int(e, dtype)), np.float32)
+    mant = cast(lax.div(cast(s, dtype), exp2_int(e, dtype)), np.float32)
     q = lax.mul(np.float32(c), cast(e, np.float32))  # integer-valued for integer c
     k = clip_scale(lax.floor(q), kmin, kmax)
     frac = lax.sub(q, k)
     one32 = np.float32(1)
     r = lax.select(lax.eq(frac, np.float32(0)), one32, lax.exp2(frac))
     r = lax.mul(r, lax.select(lax.eq(mant, one32), one32, lax.pow(mant, np.float32(c))))
-    return _exp2_int(cast(k, np.int32), dtype), r
-
-
-def _times(data: Any, r: Optional[Any]) -> Any:
-    """``data * r`` (``r`` a scalar residual, None meaning 1)."""
-    if r is None:
-        return data
-    return lax.mul(data, cast(r, data.dtype))
+    return exp2_int(cast(k, np.int32), dtype), r
 
 
 def _value(x: ScaledArray) -> Any:
@@ -196,7 +167,7 @@ def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
     the float32 normal range is clamped and the excess goes into the data."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_product(sx, sy)
-    data = _times(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
+    data = times_residual(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
     dtype = params.get("out_dtype") or out_dtype(x, y)
     return ScaledArray(cast(data, dtype), s)
 
@@ -206,7 +177,7 @@ def div(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x / y`` at scale ``sx / sy`` (static constants and clamping as in `mul`)."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_quotient(sx, sy)
-    data = _times(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
+    data = times_residual(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
     return ScaledArray(cast(data, out_dtype(x, y)), s)
 
 
@@ -327,7 +298,7 @@ def _aligned_low(*xs: Any) -> list:
         if isinstance(x, ScaledArray):
             r = ratio_of(x.scale, s)
             r = None if _is_one(r) else xnp(r).minimum(r, hi)
-            out.append(_times(_data(x), r))
+            out.append(times_residual(_data(x), r))
         else:
             out.append(as_jax(in_scale(x, s)))
     return out
@@ -382,7 +353,7 @@ def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
     s = x.scale
     p = pow2_round(xnp(s).sqrt(s))
     ratio = (s / p) / p
-    data = lax.sqrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    data = lax.sqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     return ScaledArray(data.astype(x.dtype), p)
 
 
@@ -392,7 +363,7 @@ def rsqrt(x: ScaledArray, **params: Any) -> ScaledArray:
     s = x.scale
     p = pow2_round(1 / xnp(s).sqrt(s))
     ratio = (s * p) * p
-    data = lax.rsqrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    data = lax.rsqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     return ScaledArray(data.astype(x.dtype), p)
 
 
@@ -402,7 +373,7 @@ def cbrt(x: ScaledArray, **params: Any) -> ScaledArray:
     s = x.scale
     p = pow2_round(xnp(s).cbrt(s))
     ratio = ((s / p) / p) / p
-    data = lax.cbrt_p.bind(_times(_data(x), None if _is_one(ratio) else ratio), **params)
+    data = lax.cbrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     return ScaledArray(data.astype(x.dtype), p)
 
 
@@ -412,7 +383,7 @@ def square(x: ScaledArray, **params: Any) -> ScaledArray:
     the data), data ``d**2``: exact for power-of-two scales."""
     s, r = _scale_pow(x.scale, 2.0)
     d = _data(x)
-    return ScaledArray(_times(lax.square_p.bind(d, **params), r).astype(x.dtype), s)
+    return ScaledArray(times_residual(lax.square_p.bind(d, **params), r).astype(x.dtype), s)
 
 
 @register_scaled_op(lax.integer_pow_p)
@@ -422,7 +393,7 @@ def integer_pow(x: ScaledArray, *, y: int, **params: Any) -> ScaledArray:
     float32's 0 and of 1e30 gives inf, but no NaN or zero scale downstream."""
     s, r = _scale_pow(x.scale, float(y))
     d = _data(x)
-    return ScaledArray(_times(lax.integer_pow_p.bind(d, y=y, **params), r).astype(x.dtype), s)
+    return ScaledArray(times_residual(lax.integer_pow_p.bind(d, y=y, **params), r).astype(x.dtype), s)
 
 
 @register_scaled_op(lax.pow_p)
@@ -438,7 +409,7 @@ def pow_(x: Any, y: Any, **params: Any) -> ScaledArray:
         c = float(np.asarray(c, np.float32))
         s, r = _scale_pow(x.scale, c)
         data = lax.pow(_data(x), np.float32(c))
-        return ScaledArray(_times(data, r).astype(out_dtype(x, y)), s)
+        return ScaledArray(times_residual(data, r).astype(out_dtype(x, y)), s)
     data = lax.pow_p.bind(in_scale(x, one()), in_scale(y, one()), **params)
     return ScaledArray(data.astype(out_dtype(x, y)), one())
 

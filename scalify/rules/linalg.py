@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, cast, promote, scale_dtype, scale_mul
+from scalify.core.operands import as_jax, promote, saturating_cast, scale_dtype, scale_mul, times_residual
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
 
@@ -36,16 +36,6 @@ def _accumulation_dtype(*dtypes: Any) -> np.dtype:
     return np.dtype(np.float64 if any(np.dtype(d).itemsize > 4 for d in dtypes) else np.float32)
 
 
-def _cast(x: Any, dtype: Any) -> Any:
-    """``x.astype(dtype)``, saturating to the format's largest finite value for float8
-    formats (E4M3FN has no infinity: an overflowing cast would give NaN)."""
-    dtype = np.dtype(dtype)
-    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
-        big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
-    return cast(x, dtype)
-
-
 def fan_in_factor(k: int) -> np.ndarray:
     """``pow2(sqrt(k))`` as a static scale (1 for ``k <= 1``), rounded with the active
     `ScalifyConfig`'s rounding mode."""
@@ -56,7 +46,7 @@ def _rescale(acc: Any, factor: Any, dtype: Any) -> Any:
     """``acc / factor`` (float32, exact for a power of two), rounded once to ``dtype``."""
     if factor != 1:
         acc = lax.mul(acc, np.asarray(1 / factor, acc.dtype))
-    return _cast(acc, dtype)
+    return saturating_cast(acc, dtype)
 
 
 def _scaled_contraction(
@@ -248,10 +238,6 @@ def _data32(x: ScaledArray) -> Any:
     return as_jax(x.data).astype(compute_dtype(x.dtype))
 
 
-def _times_residual(x: Any, r: Optional[Any]) -> Any:
-    return x if r is None else x * jnp.asarray(r, x.dtype)
-
-
 @register_scaled_op(lax.linalg.triangular_solve_p)
 def triangular_solve(a: Any, b: Any, *, unit_diagonal: bool = False, **params: Any) -> ScaledArray:
     """``x = op(A)^-1 b`` (or ``b op(A)^-1``) at scale ``sb / sa``: the solve of the data
@@ -268,7 +254,7 @@ def triangular_solve(a: Any, b: Any, *, unit_diagonal: bool = False, **params: A
         da = _data32(a)
         scale, r = scale_quotient(b.scale, a.scale)
     x = lax.linalg.triangular_solve_p.bind(da, db, unit_diagonal=unit_diagonal, **params)
-    return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
+    return ScaledArray(saturating_cast(times_residual(x, r), b.dtype), scale)
 
 
 def _pow2_sqrt(s: Any) -> Any:
@@ -295,7 +281,7 @@ def cholesky(a: Any, **params: Any) -> ScaledArray:
     r = (s / p) / p
     d = _data32(a) * (r if is_static(r) else jnp.asarray(r, compute_dtype(a.dtype)))
     out = lax.linalg.cholesky_p.bind(d.astype(compute_dtype(a.dtype)), **params)
-    return ScaledArray(_cast(out, a.dtype), p)
+    return ScaledArray(saturating_cast(out, a.dtype), p)
 
 
 def _factors(a: ScaledArray, outs: Sequence[Any], scaled: Sequence[bool]) -> List[Any]:
@@ -307,7 +293,7 @@ def _factors(a: ScaledArray, outs: Sequence[Any], scaled: Sequence[bool]) -> Lis
         if not jnp.issubdtype(o.dtype, jnp.floating):
             res.append(o)
         else:
-            res.append(ScaledArray(_cast(o, a.dtype), a.scale if sc else one()))
+            res.append(ScaledArray(saturating_cast(o, a.dtype), a.scale if sc else one()))
     return res
 
 
@@ -363,7 +349,7 @@ def householder_product(a: Any, taus: Any, **params: Any) -> ScaledArray:
     out = lax.linalg.householder_product_p.bind(
         in_scale(a, one(), cd), in_scale(taus, one(), cd), **params
     )
-    return ScaledArray(_cast(out, dtype), one())
+    return ScaledArray(saturating_cast(out, dtype), one())
 
 
 @register_scaled_op(lax.linalg.tridiagonal_solve_p)
@@ -378,7 +364,7 @@ def tridiagonal_solve(dl: Any, d: Any, du: Any, b: Any, **params: Any) -> Scaled
     diags = [in_scale(v, st, cd) for v in (dl, d, du)]
     scale, r = scale_quotient(b.scale, st)
     x = lax.linalg.tridiagonal_solve_p.bind(*diags, _data32(b), **params)
-    return ScaledArray(_cast(_times_residual(x, r), b.dtype), scale)
+    return ScaledArray(saturating_cast(times_residual(x, r), b.dtype), scale)
 
 
 @register_scaled_op(_P.linear_solve_p)

@@ -22,24 +22,14 @@ import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, cast, compute_dtype, scale_dtype, scale_mul
+from scalify.core.operands import as_jax, cast, compute_dtype, saturating_cast, scale_dtype, scale_mul
 from scalify.core.config import Pow2RoundMode, get_config
-from scalify.core.pow2 import pow2_round
+from scalify.core.pow2 import exp2_int, exponent, pow2_round
 from scalify.core.registry import register_scaled_op
 
 
 def _num_reduced(shape: Sequence[int], axes: Sequence[int]) -> int:
     return int(np.prod([shape[a] for a in axes], dtype=np.int64))
-
-
-def _cast(x: Any, dtype: Any) -> Any:
-    """``x.astype(dtype)``, saturating to the format's largest finite value for float8
-    formats (E4M3FN has no infinity: an overflowing cast would give NaN)."""
-    dtype = np.dtype(dtype)
-    if dtype.itemsize == 1:
-        big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
-    return cast(x, dtype)
 
 
 # Reductions over at least this many elements measure their output scale (see
@@ -70,12 +60,12 @@ def reduce_sum(x: ScaledArray, *, axes: Sequence[int], **params: Any) -> ScaledA
     total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
     if n >= MEASURED_MIN_REDUCED:
         m, inv_m = _pow2_rms(total)
-        return ScaledArray(_cast(lax.mul(total, inv_m), x.dtype), scale_mul(x.scale, cast(m, scale_dtype())))
+        return ScaledArray(saturating_cast(lax.mul(total, inv_m), x.dtype), scale_mul(x.scale, cast(m, scale_dtype())))
     factor = pow2_round(np.sqrt(np.asarray(max(n, 1), scale_dtype())))
     if factor != 1:
         total = lax.mul(total, np.asarray(1 / factor, cd))
-        return ScaledArray(_cast(total, x.dtype), scale_mul(x.scale, factor))
-    return ScaledArray(_cast(total, x.dtype), x.scale)
+        return ScaledArray(saturating_cast(total, x.dtype), scale_mul(x.scale, factor))
+    return ScaledArray(saturating_cast(total, x.dtype), x.scale)
 
 
 def _pow2_rms(total: Any) -> Tuple[Any, Any]:
@@ -96,13 +86,8 @@ def _pow2_rms(total: Any) -> Tuple[Any, Any]:
     ok = lax.bitwise_and(lax.ge(v, np.asarray(fi.tiny, dtype)), lax.le(v, np.asarray(fi.max, dtype)))
     v = lax.select(ok, v, np.ones((), dtype))
     if get_config().rounding_mode == Pow2RoundMode.DOWN:
-        itype = {4: np.int32, 8: np.int64}[dtype.itemsize]
-        bias = itype(fi.maxexp - 1)
-        nmant = itype(fi.nmant)
-        biased = lax.shift_right_logical(lax.bitcast_convert_type(v, itype), nmant)  # v > 0
-        k = lax.shift_right_arithmetic(lax.sub(biased, bias), itype(1))  # floor(e / 2)
-        m = lax.bitcast_convert_type(lax.shift_left(lax.add(k, bias), nmant), dtype)
-        return m, lax.bitcast_convert_type(lax.shift_left(lax.sub(bias, k), nmant), dtype)
+        k = lax.shift_right_arithmetic(exponent(v), np.int32(1))  # floor(e / 2), v > 0
+        return exp2_int(k, dtype), exp2_int(lax.neg(k), dtype)
     m = pow2_round(lax.sqrt(v))
     return m, lax.div(np.ones((), dtype), m)
 
@@ -137,7 +122,7 @@ def reduce_prod(x: ScaledArray, *, axes: Sequence[int], **params: Any) -> Scaled
     cd = compute_dtype(x.dtype)
     prod = lax.reduce_prod_p.bind(as_jax(x.data).astype(cd), axes=tuple(axes), **params)
     scale = x.scale**n if n != 1 else x.scale
-    return ScaledArray(_cast(prod, x.dtype), scale)
+    return ScaledArray(saturating_cast(prod, x.dtype), scale)
 
 
 @register_scaled_op(lax.argmax_p)
