@@ -26,7 +26,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from scalify import _jax_compat
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
-from scalify.core.operands import as_jax, is_scale_free, promote, static_uniform_value
+from scalify.core.operands import as_jax, is_scale_free, pow2_scope, promote, static_uniform_value
 from scalify.core.pow2 import is_static
 from scalify.core.registry import (
     UnsupportedPrimitiveError,
@@ -356,7 +356,8 @@ def scalify(fun: Callable) -> Callable:
             return [x for x, d in zip(out_leaves, out_info["dynamic"]) if d]
 
         closed = jax.make_jaxpr(flat_fun)(*[_abstract(x) for x in dynamic])
-        outs = iter(eval_closed_jaxpr(closed, *dynamic))
+        with pow2_scope():
+            outs = iter(eval_closed_jaxpr(closed, *dynamic))
         out_leaves = [
             _finalise(next(outs)) if d else x
             for x, d in zip(out_info["static"], out_info["dynamic"])

@@ -20,7 +20,7 @@ import numpy as np
 
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype  # noqa: F401
-from scalify.core.pow2 import int_dtype, is_static, pow2_round, pow2_round_down, xnp
+from scalify.core.pow2 import int_dtype, is_static, pow2_floor, pow2_reciprocal, pow2_round, pow2_round_down, xnp
 
 
 def static_uniform_value(x: Any) -> Optional[np.generic]:
@@ -147,18 +147,93 @@ def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
     if c is not None:
         if is_scale_free(x):
             return _full(np.shape(x), c, dtype)
-        v = scale_div(np.asarray(c, scale_dtype()), scale)
+        v = ratio_of(np.asarray(c, scale_dtype()), scale)
         return _full(np.shape(x), v, dtype)
     if is_static(scale) and scale == 1:
         return _astype(x, dtype)
-    return _mul(x, scale_div(one(), scale), dtype)
+    return _mul(x, ratio_of(one(), scale), dtype)
 
 
 def ratio_of(a: Any, b: Any) -> Any:
-    """``a / b`` for scales: NumPy when both are static; 1 when they are the same value."""
+    """``a / b`` for scales: NumPy when both are static; 1 when they are the same value;
+    ``a * (1/b)`` with the exact exponent-bit reciprocal when ``b`` is a traced scale
+    known to be a power of two (`known_pow2`), else a division.
+
+    Why avoid the division: XLA never duplicates a division into the fusions that use
+    it, so every distinct scale ratio would compile to a scalar kernel of its own; a
+    multiplication by a reciprocal built from integer bit operations is duplicated into
+    its consumers instead, and costs no kernel.
+    """
     if a is b:
         return one()
+    if not is_static(b) and known_pow2(b):
+        return scale_mul(a, pow2_reciprocal(b))
     return scale_div(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# Trace-time knowledge that a traced scale is a power of two.
+#
+# A ratio of scales whose divisor is a power of two needs no division (`ratio_of`). The
+# scales rules choose to align operands to (`hypot_scale`, `common_scale`) are rounded
+# to powers of two and registered here while a `scalify` trace runs. The registry holds
+# the tracer itself (so its id cannot be reused while registered) and is emptied when
+# the trace ends (`pow2_scope`). A scale missing from it is only divided: the registry
+# never decides a value, only which exact formula computes it.
+# --------------------------------------------------------------------------------------
+
+_POW2_SCALES: dict = {}
+_POW2_DEPTH = [0]  # open `pow2_scope`s: outside any, nothing is registered
+
+
+def mark_pow2(s: Any) -> Any:
+    """Register the traced scale ``s`` as an exact power of two (returns ``s``) for the
+    rest of the enclosing `pow2_scope` (outside one, a no-op). Only for values with no
+    gradient path that `ratio_of` would drop: its reciprocal is built from bits, so a
+    divisor must be constant to autodiff (see `aligned_scale`)."""
+    if _POW2_DEPTH[0] and not is_static(s):
+        _POW2_SCALES[id(s)] = s
+    return s
+
+
+def known_pow2(s: Any) -> bool:
+    """True when ``s`` is known at trace time to be an exact power of two."""
+    if is_static(s):
+        v = np.asarray(s)
+        return bool(np.all(pow2_round_down(v) == v) and np.all(v > 0))
+    return _POW2_SCALES.get(id(s)) is s
+
+
+class pow2_scope:
+    """Context of one `scalify` trace: forgets the registered power-of-two scales on
+    exit, so that the registry never outlives (or keeps alive) a trace's tracers."""
+
+    def __enter__(self) -> "pow2_scope":
+        self._outer = dict(_POW2_SCALES)
+        _POW2_DEPTH[0] += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _POW2_DEPTH[0] -= 1
+        _POW2_SCALES.clear()
+        _POW2_SCALES.update(self._outer)
+
+
+def aligned_scale(s: Any) -> Any:
+    """The scale operands are aligned to, from the candidate ``s`` (their largest scale).
+
+    With a rounding mode (not NONE) a traced candidate is rounded down to a power of two
+    (`pow2_floor`: exact powers unchanged, three bit operations) and registered, so that aligning
+    to it multiplies by an exact reciprocal instead of dividing (`ratio_of`). It carries
+    no gradient: the aligned value ``(x.data * sx / s) * s`` does not depend on ``s``, and
+    the reciprocal built from bits has no derivative either, so both sides agree. Static
+    candidates and NONE mode return ``s`` unchanged.
+    """
+    if is_static(s) or get_config().rounding_mode == Pow2RoundMode.NONE:
+        return s
+    if known_pow2(s):
+        return s
+    return mark_pow2(pow2_floor(s))
 
 
 def as_jax(x: Any) -> Any:
@@ -199,7 +274,8 @@ def common_scale(*xs: Any) -> Any:
     headroom: ``pow2(|c|) * 2**-H`` (`_headroom`), so a mask fill of ``finfo.min``
     (2**127 in float32) is held exactly as a large data value instead of dragging the
     other operands' data into the subnormals, and ``max(x, 1)`` on tiny ``x`` stays
-    exact. Scale-free constants (0, +-inf, NaN) never count; 1 if nothing does.
+    exact. Scale-free constants (0, +-inf, NaN) never count; 1 if nothing does. Two or
+    more distinct traced scales give `aligned_scale` of their maximum.
     """
     scales = []
     for x in xs:
@@ -212,8 +288,9 @@ def common_scale(*xs: Any) -> Any:
         return one()
     out = scales[0]
     for s in scales[1:]:
-        out = scale_max(out, s)
-    return out
+        out = out if s is out else scale_max(out, s)
+    # One distinct scale needs no alignment (its ratio to itself is 1): keep it as it is.
+    return out if all(s is out for s in scales) else aligned_scale(out)
 
 
 def hypot_scale(*scales: Any) -> Any:
@@ -226,8 +303,9 @@ def hypot_scale(*scales: Any) -> Any:
     ``n <= 4``, i.e. when some other scale is present. Using the closed form emits one
     ``max`` per scale instead of the ~20 scalar ops of the general formula (the general
     formula is kept for NONE/STOCHASTIC rounding, more operands, and static scales, where
-    it folds in NumPy anyway). A non-power-of-two scale a user passed in is carried like
-    ``mul`` carries it (``max`` is then not rounded).
+    it folds in NumPy anyway). The traced result goes through `aligned_scale`: a
+    non-power-of-two scale a user passed in gives a power-of-two output scale, and the
+    operands are aligned to it without a division.
     """
     scales = [s for s in scales if s is not None]
     if not scales:
@@ -237,14 +315,14 @@ def hypot_scale(*scales: Any) -> Any:
     mod = xnp(*scales)
     m = scales[0]
     for s in scales[1:]:
-        m = scale_max(m, s)
+        m = m if s is m else scale_max(m, s)
     mode = get_config().rounding_mode
     if mod is jnp and mode == Pow2RoundMode.DOWN and len(scales) <= 3:
-        return m
+        return m if all(s is m for s in scales) else aligned_scale(m)
     if mod is jnp and mode == Pow2RoundMode.UP and len(scales) <= 4:
-        return scale_mul(m, 2)
+        return mark_pow2(scale_mul(aligned_scale(m), 2))
     total = sum((s / m) ** 2 for s in scales)
-    return pow2_round(m * mod.sqrt(total))
+    return aligned_scale(pow2_round(m * mod.sqrt(total)))
 
 
 def out_dtype(*xs: Any) -> np.dtype:
@@ -350,12 +428,16 @@ _traced_scale_product = jax.jit(_clamped_product)
 
 
 def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
-    """``a / b`` as ``(scale, residual)``, as `scale_product`."""
+    """``a / b`` as ``(scale, residual)``, as `scale_product`. A divisor known to be a
+    power of two (static, or `known_pow2`) multiplies by its exact reciprocal instead
+    (no division: see `ratio_of`)."""
     if _is_one(b):
         return a, None
     dtype = scales_dtype(a, b)
     if is_static(a) and is_static(b):
         return _static_clamped(float(a) / float(b), dtype)
+    if known_pow2(b):
+        return scale_product(a, pow2_reciprocal(cast(b, dtype)))
     lo, hi, _, _ = scale_bounds(dtype)
     a, b = cast(a, dtype), cast(b, dtype)
     p = jax.lax.div(a, b)

@@ -98,6 +98,30 @@ def pow2_round_down(x: Any) -> Any:
     return lax.select(keep, x, down)
 
 
+def pow2_floor(x: Any) -> Any:
+    """Largest power of two ``<= x`` for a traced positive normal ``x``: the mantissa bits
+    cleared (three operations, exact, no gradient). Unlike `pow2_round_down`, zero and
+    subnormals give 0 and NaN gives inf: for scales, which rules keep normal."""
+    itype, mask = _exponent_mask(x.dtype)
+    return _from_bits(jax.lax.bitwise_and(_bits(x, itype), mask), x.dtype)
+
+
+def pow2_reciprocal(p: Any) -> Any:
+    """``1 / p`` for a power of two ``p``, exact, with no division: its exponent bits
+    negated around the bias (``bits(1/p) = 2 * bias << nmant - bits(p)``), and the
+    subnormal ``2**-(emax)`` for the largest power of two ``2**emax``. Only for positive
+    normal powers of two (anything else gives a wrong value); no gradient."""
+    if is_static(p):
+        with np.errstate(divide="ignore", over="ignore"):
+            return np.asarray(1 / np.asarray(p), _dtype_of(p))
+    lax = jax.lax
+    fi = jnp.finfo(p.dtype)
+    itype = int_dtype(p.dtype)
+    bias = fi.maxexp - 1
+    bits = lax.sub(itype((2 * bias) << fi.nmant), _bits(p, itype))
+    return _from_bits(lax.max(bits, itype(1 << (fi.nmant - 1))), p.dtype)
+
+
 def pow2_round_up(x: Any) -> Any:
     """Smallest power of two ``>= x`` for positive normal ``x`` (exact powers unchanged)."""
     down = pow2_round_down(x)

@@ -84,3 +84,21 @@ def test_mantissa_and_is_pow2():
     x = np.array([3.0, -6.0, 0.75, 1.0], np.float32)
     np.testing.assert_array_equal(pow2.get_mantissa(x), [1.5, -1.5, 1.5, 1.0])
     np.testing.assert_array_equal(np.asarray(pow2.is_pow2(jnp.asarray(x))), [False, False, False, True])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_floor_and_reciprocal_of_every_normal_power_of_two_are_exact(dtype):
+    fi = jnp.finfo(dtype)
+    p = np.exp2(np.arange(int(fi.minexp), int(fi.maxexp))).astype(dtype)  # all normal 2**k
+    x = (p.astype(np.float64) * 1.75).astype(dtype)[:-1]  # same exponents, mantissa 1.75
+    floor = np.asarray(jax.jit(pow2.pow2_floor)(jnp.asarray(x)))
+    np.testing.assert_array_equal(floor, p[:-1])
+    recip = np.asarray(jax.jit(pow2.pow2_reciprocal)(jnp.asarray(p))).astype(np.float64)
+    # 1 / 2**emax is subnormal in the scale's own dtype, and still exact.
+    np.testing.assert_array_equal(recip, 1.0 / p.astype(np.float64))
+    assert pow2.pow2_reciprocal(np.float32(0.25)) == 4.0  # static values fold in NumPy
+
+
+def test_floor_and_reciprocal_carry_no_gradient():
+    g = jax.grad(lambda s: pow2.pow2_floor(s) + pow2.pow2_reciprocal(s))(jnp.float32(4.0))
+    assert g == 0
