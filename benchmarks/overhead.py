@@ -1,16 +1,18 @@
 """Overhead of scalify: trace, compile and run time of `jit(scalify(step))` vs `jit(step)`.
 
-    python benchmarks/overhead.py [--repeats 50] [--rounds 5] [--dtype float32 float16] [--out PATH]
+    python benchmarks/overhead.py [--repeats 50] [--rounds 5] [--trace-rounds 15] [--dtype float32 float16] [--out PATH]
 
 For each model (a 784-512-512-10 MLP SGD step at batch 128, and a small GPT training step
 with `lax.scan` over layers) and each data dtype, both versions are measured side by side
-in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`) and
-lower+compile (median over `--rounds` from-scratch rounds, caches cleared), and
-steady-state run (median over `--repeats`). Results go to JSON.
+in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`, median over
+`--trace-rounds` from-scratch traces), lower+compile (median over `--rounds` from-scratch
+rounds, caches cleared), and steady-state run (median over `--repeats`). Results go to
+JSON.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -73,13 +75,15 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5) -> Dict[str, Any]:
+def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,
+            trace_rounds: int = 15) -> Dict[str, Any]:
     variants = {"jax": (step, plain_args), "scalify": (sfy.scalify(step), scaled_args)}
     res: Dict[str, Dict[str, List[float]]] = {k: {"trace": [], "compile": [], "run": []} for k in variants}
     compiled = {}
     for _ in range(rounds):  # trace/compile from scratch a few times, interleaved
         for name, (fn, args) in variants.items():
             jax.clear_caches()  # no compilation-cache hits: measure real work
+            gc.collect()
             jitted = jax.jit(fn)
             t0 = time.perf_counter()
             traced = jitted.trace(*args)
@@ -88,6 +92,15 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
             t2 = time.perf_counter()
             res[name]["trace"].append(t1 - t0)
             res[name]["compile"].append(t2 - t1)
+    # Traces are short (a fraction of a second) and noisy: more from-scratch samples.
+    for _ in range(max(trace_rounds - rounds, 0)):
+        for name, (fn, args) in variants.items():
+            jax.clear_caches()
+            gc.collect()  # no collection pause inside the timed region
+            jitted = jax.jit(fn)
+            t0 = time.perf_counter()
+            jitted.trace(*args)
+            res[name]["trace"].append(time.perf_counter() - t0)
     for name, (fn, args) in variants.items():  # warm up
         for _ in range(3):
             _timed(lambda: compiled[name](*args))
@@ -103,6 +116,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50, help="timed runs of each compiled step")
     parser.add_argument("--rounds", type=int, default=5, help="from-scratch traces and compiles")
+    parser.add_argument("--trace-rounds", type=int, default=15, help="from-scratch traces (at least --rounds)")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float16"])
     parser.add_argument("--models", nargs="+", default=["mlp", "gpt"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
@@ -115,7 +129,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
     for model in args.models:
         for dt in args.dtype:
             step, plain, scaled = cases[model](jnp.dtype(dt))
-            r = measure(step, plain, scaled, args.repeats, args.rounds)
+            r = measure(step, plain, scaled, args.repeats, args.rounds, args.trace_rounds)
             name = f"{model}-{dt}"
             results["cases"][name] = r
             q = r["ratio"]
