@@ -127,7 +127,8 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         "### Overhead: `jit(scalify(step))` vs `jit(step)` (`benchmarks/overhead.py`)",
         "",
         f"Measured on **{d['device']}**, same data dtype on both sides, medians; ratios are "
-        "scalify / plain JAX.",
+        "scalify / plain JAX. On a shared 2-core machine the trace and compile ratios of "
+        "repeated runs differ by up to about 0.3.",
         "",
         _table(["case", "trace", "compile", "run", "run ms (jax / scalify)"], rows),
     ])
