@@ -167,7 +167,7 @@ def ratio_of(a: Any, b: Any) -> Any:
     if a is b:
         return one()
     if not is_static(b) and known_pow2(b):
-        return scale_mul(a, pow2_reciprocal(b))
+        return scale_mul(a, _reciprocal_of_known(b))
     return scale_div(a, b)
 
 
@@ -192,7 +192,9 @@ def mark_pow2(s: Any) -> Any:
     gradient path that `ratio_of` would drop: its reciprocal is built from bits, so a
     divisor must be constant to autodiff (see `aligned_scale`)."""
     if _POW2_DEPTH[0] and not is_static(s):
-        _POW2_SCALES[id(s)] = s
+        # The reciprocal is built here, in the trace that made ``s``: every operand
+        # aligned to ``s`` shares it, also from inside a loop body traced later.
+        _POW2_SCALES[id(s)] = (s, pow2_reciprocal(s))
     return s
 
 
@@ -201,7 +203,13 @@ def known_pow2(s: Any) -> bool:
     if is_static(s):
         v = np.asarray(s)
         return bool(np.all(pow2_round_down(v) == v) and np.all(v > 0))
-    return _POW2_SCALES.get(id(s)) is s
+    entry = _POW2_SCALES.get(id(s))
+    return entry is not None and entry[0] is s
+
+
+def _reciprocal_of_known(s: Any) -> Any:
+    """`pow2_reciprocal` of a registered scale (built once, by `mark_pow2`)."""
+    return _POW2_SCALES[id(s)][1]
 
 
 class pow2_scope:
@@ -437,7 +445,8 @@ def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
     if is_static(a) and is_static(b):
         return _static_clamped(float(a) / float(b), dtype)
     if known_pow2(b):
-        return scale_product(a, pow2_reciprocal(cast(b, dtype)))
+        inv = pow2_reciprocal(cast(b, dtype)) if is_static(b) else _reciprocal_of_known(b)
+        return scale_product(a, cast(inv, dtype))
     lo, hi, _, _ = scale_bounds(dtype)
     a, b = cast(a, dtype), cast(b, dtype)
     p = jax.lax.div(a, b)
