@@ -13,17 +13,27 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import readme_tables  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def _quick_run(out):
     import train_gpt
 
-    out = tmp_path_factory.mktemp("train_gpt") / "train_gpt.json"
-    results = train_gpt.main(["--quick", "--configs", "float32", "float16", "scalify-fp16",
-                              "--no-plots", "--out", str(out)])
-    return results, out
+    return train_gpt.main(["--quick", "--configs", "float32", "float16", "scalify-fp16",
+                           "--no-plots", "--out", str(out)])
 
 
-def test_quick_run_writes_json(quick_run):
+def test_quick_run_end_to_end(tmp_path):
+    """One quick training run (about 100 s on 2 cores), checked three ways. One test
+    rather than a module fixture shared by three: under `pytest -n`, each worker that
+    ran one of them would train again."""
+    out = tmp_path / "train_gpt.json"
+    quick_run = (_quick_run(out), out)
+    _check_writes_json(quick_run)
+    _check_plain_float16_fails_and_scalify_float16_tracks_float32(quick_run)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    _check_readme_tables_render_all_benchmarks(quick_run, tables)
+
+
+def _check_writes_json(quick_run):
     results, out = quick_run
     with open(out) as f:
         on_disk = json.load(f)
@@ -35,7 +45,7 @@ def test_quick_run_writes_json(quick_run):
                 "train_curve", "val_curve"} <= set(r)
 
 
-def test_plain_float16_fails_and_scalify_float16_tracks_float32(quick_run):
+def _check_plain_float16_fails_and_scalify_float16_tracks_float32(quick_run):
     runs = quick_run[0]["runs"]
     # Plain float16 Adam: eps=1e-8 and the second moment underflow to 0 -> non-finite.
     assert runs["float16"]["nonfinite_step"] is not None
@@ -48,7 +58,7 @@ def test_plain_float16_fails_and_scalify_float16_tracks_float32(quick_run):
     assert 0.49 < s16["state_bytes"] / f32["state_bytes"] < 0.52
 
 
-def test_readme_tables_render_all_benchmarks(quick_run, tmp_path):
+def _check_readme_tables_render_all_benchmarks(quick_run, tmp_path):
     results, _ = quick_run
     (tmp_path / "train_gpt.json").write_text(json.dumps(results))
     (tmp_path / "overhead.json").write_text(json.dumps({
