@@ -9,10 +9,14 @@ such as ``zeros_like`` or a ``-inf`` mask fill) whose value is the same everywhe
   takes no part in choosing a common scale and adopts whatever scale it is aligned to.
 
 Scale arithmetic stays in NumPy when every scale is static, so it folds at trace time.
+Operands aligned to a common scale are aligned to a power of two known as such at trace
+time (`aligned_scale`), so the ratios of scales are multiplications by exact reciprocals,
+never divisions (see `ratio_of` for why that matters to XLA).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -212,19 +216,19 @@ def _reciprocal_of_known(s: Any) -> Any:
     return _POW2_SCALES[id(s)][1]
 
 
-class pow2_scope:
-    """Context of one `scalify` trace: forgets the registered power-of-two scales on
-    exit, so that the registry never outlives (or keeps alive) a trace's tracers."""
-
-    def __enter__(self) -> "pow2_scope":
-        self._outer = dict(_POW2_SCALES)
-        _POW2_DEPTH[0] += 1
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+@contextlib.contextmanager
+def pow2_scope() -> Iterator[None]:
+    """Context of one `scalify` trace: registrations last until it exits, so that the
+    registry never outlives (or keeps alive) a trace's tracers. Nested scopes restore
+    the outer scope's registrations."""
+    outer = dict(_POW2_SCALES)
+    _POW2_DEPTH[0] += 1
+    try:
+        yield
+    finally:
         _POW2_DEPTH[0] -= 1
         _POW2_SCALES.clear()
-        _POW2_SCALES.update(self._outer)
+        _POW2_SCALES.update(outer)
 
 
 def aligned_scale(s: Any) -> Any:
