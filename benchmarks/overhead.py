@@ -75,6 +75,17 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def _fresh_trace(fn: Callable, args: tuple) -> Any:
+    """``(jax.jit(fn).trace(*args), seconds)`` with caches cleared first (no cache hits:
+    measure real work) and garbage collected (no collection pause in the timing)."""
+    jax.clear_caches()
+    gc.collect()
+    jitted = jax.jit(fn)
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    return traced, time.perf_counter() - t0
+
+
 def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,
             trace_rounds: int = 15) -> Dict[str, Any]:
     variants = {"jax": (step, plain_args), "scalify": (sfy.scalify(step), scaled_args)}
@@ -82,25 +93,15 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     compiled = {}
     for _ in range(rounds):  # trace/compile from scratch a few times, interleaved
         for name, (fn, args) in variants.items():
-            jax.clear_caches()  # no compilation-cache hits: measure real work
-            gc.collect()
-            jitted = jax.jit(fn)
+            traced, dt = _fresh_trace(fn, args)
             t0 = time.perf_counter()
-            traced = jitted.trace(*args)
-            t1 = time.perf_counter()
             compiled[name] = traced.lower().compile()
-            t2 = time.perf_counter()
-            res[name]["trace"].append(t1 - t0)
-            res[name]["compile"].append(t2 - t1)
+            res[name]["trace"].append(dt)
+            res[name]["compile"].append(time.perf_counter() - t0)
     # Traces are short (a fraction of a second) and noisy: more from-scratch samples.
     for _ in range(max(trace_rounds - rounds, 0)):
         for name, (fn, args) in variants.items():
-            jax.clear_caches()
-            gc.collect()  # no collection pause inside the timed region
-            jitted = jax.jit(fn)
-            t0 = time.perf_counter()
-            jitted.trace(*args)
-            res[name]["trace"].append(time.perf_counter() - t0)
+            res[name]["trace"].append(_fresh_trace(fn, args)[1])
     for name, (fn, args) in variants.items():  # warm up
         for _ in range(3):
             _timed(lambda: compiled[name](*args))

@@ -170,9 +170,8 @@ def ratio_of(a: Any, b: Any) -> Any:
     """
     if a is b:
         return one()
-    if not is_static(b) and known_pow2(b):
-        return scale_mul(a, _reciprocal_of_known(b))
-    return scale_div(a, b)
+    inv = None if is_static(b) else exact_reciprocal(b)
+    return scale_div(a, b) if inv is None else scale_mul(a, inv)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,18 +201,21 @@ def mark_pow2(s: Any) -> Any:
     return s
 
 
-def known_pow2(s: Any) -> bool:
-    """True when ``s`` is known at trace time to be an exact power of two."""
+def exact_reciprocal(s: Any) -> Optional[Any]:
+    """``1 / s`` when it is exact and needs no division: ``s`` a static normal power of
+    two (NumPy), or a traced one registered by `mark_pow2` (its shared reciprocal).
+    None otherwise."""
     if is_static(s):
         v = np.asarray(s)
-        return bool(np.all(pow2_round_down(v) == v) and np.all(v > 0))
+        normal = np.all(v >= np.finfo(v.dtype).tiny) if v.dtype.kind == "f" else False
+        return pow2_reciprocal(v) if normal and np.all(pow2_round_down(v) == v) else None
     entry = _POW2_SCALES.get(id(s))
-    return entry is not None and entry[0] is s
+    return entry[1] if entry is not None and entry[0] is s else None
 
 
-def _reciprocal_of_known(s: Any) -> Any:
-    """`pow2_reciprocal` of a registered scale (built once, by `mark_pow2`)."""
-    return _POW2_SCALES[id(s)][1]
+def known_pow2(s: Any) -> bool:
+    """True when ``s`` is known at trace time to be an exact (normal) power of two."""
+    return exact_reciprocal(s) is not None
 
 
 @contextlib.contextmanager
@@ -298,11 +300,21 @@ def common_scale(*xs: Any) -> Any:
             scales.append(sx)
     if not scales:
         return one()
+    return _aligned_largest(_largest(scales), scales)
+
+
+def _largest(scales: Sequence[Any]) -> Any:
+    """The largest of ``scales`` (a repeated value object costs no ``max``)."""
     out = scales[0]
     for s in scales[1:]:
         out = out if s is out else scale_max(out, s)
-    # One distinct scale needs no alignment (its ratio to itself is 1): keep it as it is.
-    return out if all(s is out for s in scales) else aligned_scale(out)
+    return out
+
+
+def _aligned_largest(m: Any, scales: Sequence[Any]) -> Any:
+    """`aligned_scale` of ``m = _largest(scales)``; a single distinct value object is
+    kept as it is (its ratio to itself is 1: nothing to align)."""
+    return m if all(s is m for s in scales) else aligned_scale(m)
 
 
 def hypot_scale(*scales: Any) -> Any:
@@ -325,12 +337,10 @@ def hypot_scale(*scales: Any) -> Any:
     if len(scales) == 1:
         return scales[0]
     mod = xnp(*scales)
-    m = scales[0]
-    for s in scales[1:]:
-        m = m if s is m else scale_max(m, s)
+    m = _largest(scales)
     mode = get_config().rounding_mode
     if mod is jnp and mode == Pow2RoundMode.DOWN and len(scales) <= 3:
-        return m if all(s is m for s in scales) else aligned_scale(m)
+        return _aligned_largest(m, scales)
     if mod is jnp and mode == Pow2RoundMode.UP and len(scales) <= 4:
         return mark_pow2(scale_mul(aligned_scale(m), 2))
     total = sum((s / m) ** 2 for s in scales)
@@ -448,8 +458,8 @@ def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
     dtype = scales_dtype(a, b)
     if is_static(a) and is_static(b):
         return _static_clamped(float(a) / float(b), dtype)
-    if known_pow2(b):
-        inv = pow2_reciprocal(cast(b, dtype)) if is_static(b) else _reciprocal_of_known(b)
+    inv = exact_reciprocal(b)
+    if inv is not None:
         return scale_product(a, cast(inv, dtype))
     lo, hi, _, _ = scale_bounds(dtype)
     a, b = cast(a, dtype), cast(b, dtype)

@@ -93,7 +93,7 @@ def pow2_round_down(x: Any) -> Any:
     # rather than `jax.numpy`: four scalar ops, and no nested `jit` dispatch to trace.
     lax = jax.lax
     x = x if x.dtype == dtype else lax.convert_element_type(x, dtype)
-    down = _from_bits(lax.bitwise_and(_bits(x, itype), mask), dtype)
+    down = pow2_floor(x)
     keep = lax.bitwise_or(lax.eq(down, np.zeros((), dtype)), lax.ne(x, x))
     return lax.select(keep, x, down)
 
