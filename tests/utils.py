@@ -68,3 +68,20 @@ def requires(*prims: Any) -> Any:
 
     missing = [p.name for p in prims if get_scaled_rule(p) is None]
     return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
+
+
+def primitive_names(fn: Any, *args: Any) -> set:
+    """Names of the primitives in ``fn``'s jaxpr, nested jaxprs included (scalify binds
+    its scalar scale helpers as `jit` equations)."""
+    names = set()
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            subs = jax.tree.leaves(eqn.params, is_leaf=lambda v: hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            for sub in subs:
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names

@@ -24,7 +24,7 @@ import numpy as np
 
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype  # noqa: F401
-from scalify.core.pow2 import int_dtype, is_static, pow2_floor, pow2_reciprocal, pow2_round, pow2_round_down, xnp
+from scalify.core.pow2 import int_dtype, is_static, pow2_floor_and_reciprocal, pow2_reciprocal, pow2_round, pow2_round_down, xnp
 
 
 def static_uniform_value(x: Any) -> Optional[np.generic]:
@@ -197,8 +197,12 @@ def mark_pow2(s: Any) -> Any:
     if _POW2_DEPTH[0] and not is_static(s):
         # The reciprocal is built here, in the trace that made ``s``: every operand
         # aligned to ``s`` shares it, also from inside a loop body traced later.
-        _POW2_SCALES[id(s)] = (s, pow2_reciprocal(s))
+        _register_pow2(s, pow2_reciprocal(s))
     return s
+
+
+def _register_pow2(s: Any, inv: Any) -> None:
+    _POW2_SCALES[id(s)] = (s, inv)
 
 
 def exact_reciprocal(s: Any) -> Optional[Any]:
@@ -247,7 +251,10 @@ def aligned_scale(s: Any) -> Any:
         return s
     if known_pow2(s):
         return s
-    return mark_pow2(pow2_floor(s))
+    f, inv = pow2_floor_and_reciprocal(s)
+    if _POW2_DEPTH[0]:
+        _register_pow2(f, inv)
+    return f
 
 
 def as_jax(x: Any) -> Any:

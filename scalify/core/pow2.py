@@ -7,7 +7,7 @@ trace time never reach the device.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,22 @@ def exponent(s: Any) -> Any:
     bits = lax.bitcast_convert_type(lax.stop_gradient(s), itype)
     biased = lax.bitwise_and(lax.shift_right_logical(bits, itype(fi.nmant)), itype((1 << fi.nexp) - 1))
     return lax.sub(lax.convert_element_type(biased, np.int32), np.int32(fi.maxexp - 1))
+
+
+def mantissa(s: Any) -> Any:
+    """``s / 2**max(exponent(s), emin)`` of a traced positive float: in ``[1, 2)`` for a
+    normal ``s`` (its mantissa bits under the exponent of 1), ``s * 2**-emin`` in
+    ``(0, 1)`` for a subnormal one (0 where XLA flushes subnormals to zero, as on CPU,
+    like the division it replaces). Exact, no division, no gradient."""
+    lax = jax.lax
+    fi = jnp.finfo(s.dtype)
+    itype, mask = _exponent_mask(s.dtype)
+    s = lax.stop_gradient(s)
+    one_bits = itype((fi.maxexp - 1) << fi.nmant)
+    normal = _from_bits(lax.bitwise_or(lax.bitwise_and(_bits(s, itype), ~mask), one_bits), s.dtype)
+    # 2**-emin is a normal number (emin = -126 in float32: 2**126), and so is the product.
+    sub = lax.mul(s, np.asarray(2.0 ** -int(fi.minexp), s.dtype))
+    return lax.select(lax.ge(s, np.asarray(fi.tiny, s.dtype)), normal, sub)
 
 
 def exp2_int(k: Any, dtype: Any) -> Any:
@@ -120,6 +136,59 @@ def pow2_reciprocal(p: Any) -> Any:
     bias = fi.maxexp - 1
     bits = lax.sub(itype((2 * bias) << fi.nmant), _bits(p, itype))
     return _from_bits(lax.max(bits, itype(1 << (fi.nmant - 1))), p.dtype)
+
+
+def _floor_and_reciprocal(x: Any) -> Tuple[Any, Any]:
+    f = pow2_floor(jax.lax.stop_gradient(x))
+    return f, pow2_reciprocal(f)
+
+
+# One `jit` equation per call, its body traced once per dtype: nine scalar primitives
+# bound at every alignment cost trace time (each bind is a few tens of microseconds),
+# and XLA inlines the call, so the compiled program is the same.
+_traced_floor_and_reciprocal = jax.jit(_floor_and_reciprocal)
+
+
+def pow2_floor_and_reciprocal(x: Any) -> Tuple[Any, Any]:
+    """``(pow2_floor(x), 1 / pow2_floor(x))`` for a traced positive normal ``x``, exact,
+    no gradient (see `pow2_floor` and `pow2_reciprocal`). A scalar ``x`` is one `jit`
+    call whose body is traced once per dtype."""
+    if np.shape(x) == ():
+        return _traced_floor_and_reciprocal(x)
+    return _floor_and_reciprocal(x)
+
+
+def _sqrt_down_bits(s: Any) -> Tuple[Any, Any]:
+    k = jax.lax.shift_right_arithmetic(exponent(s), np.int32(1))  # floor(e / 2)
+    return exp2_int(k, s.dtype), exp2_int(jax.lax.neg(k), s.dtype)
+
+
+def _rsqrt_down_bits(s: Any) -> Any:
+    lax = jax.lax
+    itype, mask = _exponent_mask(s.dtype)
+    fraction = lax.bitwise_and(_bits(s, itype), ~mask)  # non-zero: not a power of two
+    up = lax.add(exponent(s), lax.convert_element_type(lax.ne(fraction, itype(0)), np.int32))
+    # -ceil(log2(s) / 2) = -ceil(ceil(log2 s) / 2), and ceil(a / 2) = (a + 1) >> 1
+    k = lax.neg(lax.shift_right_arithmetic(lax.add(up, np.int32(1)), np.int32(1)))
+    return exp2_int(k, s.dtype)
+
+
+_traced_sqrt_down = jax.jit(_sqrt_down_bits)
+_traced_rsqrt_down = jax.jit(_rsqrt_down_bits)
+
+
+def pow2_sqrt_down(s: Any) -> Tuple[Any, Any]:
+    """``(p, 1 / p)`` with ``p = pow2_round_down(sqrt(s))`` of a traced positive normal
+    scalar ``s``: ``p = 2**floor(floor(log2 s) / 2)``, from exponent bits (exact, no
+    square root or division, which XLA would compile as kernels of their own), one `jit`
+    equation traced once per dtype. No gradient."""
+    return _traced_sqrt_down(s)
+
+
+def pow2_rsqrt_down(s: Any) -> Any:
+    """``pow2_round_down(1 / sqrt(s))`` of a traced positive normal scalar ``s``:
+    ``2**-ceil(ceil(log2 s) / 2)``, from exponent and mantissa bits, as `pow2_sqrt_down`."""
+    return _traced_rsqrt_down(s)
 
 
 def pow2_round_up(x: Any) -> Any:

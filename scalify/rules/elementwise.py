@@ -29,14 +29,17 @@ a static scale, so ``x * 3.0`` multiplies the scale by 2 and the data by 1.5, an
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.extend.core import primitives as jax_primitives
 
+from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import (
     as_jax,
@@ -58,7 +61,9 @@ from scalify.core.operands import (
     static_uniform_value,
     times_residual,
 )
-from scalify.core.pow2 import exp2_int, exponent, is_static, pow2_round, xnp
+from scalify.core.pow2 import (
+    exp2_int, exponent, is_static, mantissa, pow2_round, pow2_rsqrt_down, pow2_sqrt_down, xnp,
+)
 from scalify.core.registry import register_scaled_op
 
 # --------------------------------------------------------------------------------------
@@ -89,9 +94,18 @@ def _scale_pow(s: Any, c: float) -> Tuple[Any, Optional[Any]]:
         with np.errstate(over="ignore", under="ignore"):
             r = np.float32(np.exp2(q - k) * (float(s) / 2.0**e) ** c)
         return np.asarray(np.ldexp(1.0, int(k)), dtype), (None if r == 1 else np.asarray(r))
+    return _traced_scale_pow(cast(s, dtype), c)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _traced_scale_pow(s: Any, c: float) -> Tuple[Any, Any]:
+    """The traced body of `_scale_pow`: one `jit` equation per call, traced once per
+    (dtype, exponent). No division: XLA never duplicates one into its consumers, so it
+    would be a kernel of its own."""
+    dtype = np.dtype(s.dtype)
+    _, _, kmin, kmax = scale_bounds(dtype)
     e = lax.max(exponent(s), np.int32(kmin))
-    # exact; 1 for a power of two
-    mant = cast(lax.div(cast(s, dtype), exp2_int(e, dtype)), np.float32)
+    mant = cast(mantissa(s), np.float32)  # s / 2**e, exact; 1 for a power of two
     q = lax.mul(np.float32(c), cast(e, np.float32))  # integer-valued for integer c
     k = clip_scale(lax.floor(q), kmin, kmax)
     frac = lax.sub(q, k)
@@ -107,6 +121,12 @@ def _value(x: ScaledArray) -> Any:
     if _is_one(x.scale):
         return d
     return lax.mul(d, cast(x.scale, d.dtype))
+
+
+def _traced_down(s: Any) -> bool:
+    """A traced scalar scale under DOWN rounding: power-of-two roots of it have exact
+    bit formulas (`pow2_sqrt_down`, `pow2_rsqrt_down`)."""
+    return not is_static(s) and np.shape(s) == () and get_config().rounding_mode == Pow2RoundMode.DOWN
 
 
 def _data(x: ScaledArray) -> Any:
@@ -351,8 +371,12 @@ def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
     is 1 or 2 with DOWN rounding): the square root of 1e-30 held in float16 data is
     1e-15 at scale ~2**-50, never a float16 underflow."""
     s = x.scale
-    p = pow2_round(xnp(s).sqrt(s))
-    ratio = (s / p) / p
+    if _traced_down(s):
+        p, inv = pow2_sqrt_down(s)  # the same p, from exponent bits
+        ratio = lax.mul(lax.mul(s, inv), inv)
+    else:
+        p = pow2_round(xnp(s).sqrt(s))
+        ratio = (s / p) / p
     data = lax.sqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     return ScaledArray(data.astype(x.dtype), p)
 
@@ -361,7 +385,7 @@ def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
 def rsqrt(x: ScaledArray, **params: Any) -> ScaledArray:
     """``1 / sqrt(x)`` at scale ``p = pow2(1 / sqrt(s))``, data ``rsqrt(d * s * p**2)``."""
     s = x.scale
-    p = pow2_round(1 / xnp(s).sqrt(s))
+    p = pow2_rsqrt_down(s) if _traced_down(s) else pow2_round(1 / xnp(s).sqrt(s))
     ratio = (s * p) * p
     data = lax.rsqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     return ScaledArray(data.astype(x.dtype), p)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -24,7 +25,7 @@ from jax import lax
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import as_jax, cast, compute_dtype, saturating_cast, scale_dtype, scale_mul
 from scalify.core.config import Pow2RoundMode, get_config
-from scalify.core.pow2 import exp2_int, exponent, pow2_round
+from scalify.core.pow2 import pow2_round, pow2_sqrt_down
 from scalify.core.registry import register_scaled_op
 
 
@@ -79,17 +80,26 @@ def _pow2_rms(total: Any) -> Tuple[Any, Any]:
     operations only, which XLA fuses into the consumers (a square root or a division
     would each be a kernel of their own). Other rounding modes take the square root."""
     t = lax.stop_gradient(total)
-    dtype = np.dtype(t.dtype)
-    fi = jnp.finfo(dtype)
     v = lax.reduce_sum(lax.square(t), tuple(range(t.ndim)))
-    v = lax.mul(v, np.asarray(1 / max(t.size, 1), dtype))  # the mean square
-    ok = lax.bitwise_and(lax.ge(v, np.asarray(fi.tiny, dtype)), lax.le(v, np.asarray(fi.max, dtype)))
-    v = lax.select(ok, v, np.ones((), dtype))
+    v = lax.mul(v, np.asarray(1 / max(t.size, 1), v.dtype))  # the mean square
     if get_config().rounding_mode == Pow2RoundMode.DOWN:
-        k = lax.shift_right_arithmetic(exponent(v), np.int32(1))  # floor(e / 2), v > 0
-        return exp2_int(k, dtype), exp2_int(lax.neg(k), dtype)
+        return _traced_rms_down(v)
+    v = _normal_or_one(v)
     m = pow2_round(lax.sqrt(v))
-    return m, lax.div(np.ones((), dtype), m)
+    return m, lax.div(np.ones((), v.dtype), m)
+
+
+def _normal_or_one(v: Any) -> Any:
+    fi = jnp.finfo(v.dtype)
+    ok = lax.bitwise_and(lax.ge(v, np.asarray(fi.tiny, v.dtype)), lax.le(v, np.asarray(fi.max, v.dtype)))
+    return lax.select(ok, v, np.ones((), v.dtype))
+
+
+@jax.jit
+def _traced_rms_down(v: Any) -> Tuple[Any, Any]:
+    """``(pow2_down(sqrt(v)), its reciprocal)`` of a mean square ``v`` from exponent
+    bits; one `jit` equation whose ~20 scalar primitives are traced once per dtype."""
+    return pow2_sqrt_down(_normal_or_one(v))
 
 
 @register_scaled_op(lax.reduce_max_p)

@@ -6,6 +6,7 @@ import pytest
 
 import scalify as sfy
 from scalify.core import operands
+from tests.utils import primitive_names
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(8,)).astype(np.float32)
@@ -14,8 +15,7 @@ Y = RNG.normal(size=(8,)).astype(np.float32)
 SCALES = [(3.0, 0.7), (2.0**-20, 2.0**9), (1.0, 1.0), (5.0, 2.0**100)]
 
 
-def _prims(fn, *args):
-    return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+_prims = primitive_names
 
 
 @pytest.mark.parametrize("sx,sy", SCALES)
@@ -49,6 +49,28 @@ def test_alignment_emits_no_division():
     # Not in NONE mode, where scales are not rounded: the exact ratio then divides.
     with sfy.ScalifyConfig(rounding_mode=sfy.Pow2RoundMode.NONE):
         assert "div" in _prims(sfy.scalify(lambda a, b: a + b), x, y)
+
+
+@pytest.mark.parametrize("name", ["sqrt", "rsqrt", "square", "cube", "pow"])
+@pytest.mark.parametrize("scale", [3.0, 2.0**-41, 2.0**40])
+def test_power_rules_on_traced_scales_emit_no_division_and_are_exact(name, scale):
+    """sqrt / rsqrt / powers of a traced scale take their power-of-two scales from exponent
+    bits: no division or square root of the scale (each would be an XLA kernel of its
+    own), and the values match float64."""
+    fns = {"sqrt": jnp.sqrt, "rsqrt": jax.lax.rsqrt, "square": jnp.square,
+           "cube": lambda a: a**3, "pow": lambda a: a**0.5}
+    d = np.abs(X) + 0.5
+    fn = sfy.scalify(fns[name])
+    x = sfy.scaled_array(d, np.float32(scale))
+    prims = _prims(lambda x: fn(x), x)
+    assert "div" not in prims, prims
+    if name in ("sqrt", "rsqrt"):
+        assert {p for p in prims if "sqrt" in p} == {name}  # the data's root only
+    out = jax.jit(fn)(x)
+    want = fns[name](d.astype(np.float64) * scale) if name != "rsqrt" else 1 / np.sqrt(d.astype(np.float64) * scale)
+    np.testing.assert_allclose(np.asarray(sfy.asarray(out), np.float64), want, rtol=2e-6)
+    s = float(out.scale)
+    assert s == 2.0 ** np.floor(np.log2(s)), s
 
 
 @pytest.mark.parametrize("sx,sy", SCALES[:2])

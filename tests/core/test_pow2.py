@@ -102,3 +102,38 @@ def test_floor_and_reciprocal_of_every_normal_power_of_two_are_exact(dtype):
 def test_floor_and_reciprocal_carry_no_gradient():
     g = jax.grad(lambda s: pow2.pow2_floor(s) + pow2.pow2_reciprocal(s))(jnp.float32(4.0))
     assert g == 0
+
+
+def _normal_values(dtype):
+    """Every normal exponent of ``dtype``, each with mantissas 1, 1.25 and 1.875."""
+    fi = jnp.finfo(dtype)
+    e = np.arange(int(fi.minexp), int(fi.maxexp), dtype=np.float64)
+    v = np.concatenate([np.exp2(e) * m for m in (1.0, 1.25, 1.875)])
+    v = v[v <= float(fi.max)].astype(dtype)
+    return v, v.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_root_and_mantissa_bit_formulas_are_exact(dtype):
+    """The bit formulas that replace a square root or a division of a traced scale agree
+    with float64 at every normal exponent, powers of two and not."""
+    x, x64 = _normal_values(dtype)
+    down = np.exp2(np.floor(np.log2(np.sqrt(x64))))
+    p, inv = jax.jit(jax.vmap(pow2.pow2_sqrt_down))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(p, np.float64), down)
+    np.testing.assert_array_equal(np.asarray(inv, np.float64), 1.0 / down)
+    r = jax.jit(jax.vmap(pow2.pow2_rsqrt_down))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(r, np.float64), np.exp2(np.floor(np.log2(1.0 / np.sqrt(x64)))))
+    m = jax.jit(pow2.mantissa)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(m, np.float64), x64 / np.exp2(np.floor(np.log2(x64))))
+
+
+def test_scalar_helpers_are_one_jit_equation_traced_once():
+    """Each helper binds one `jit` per call (its ~10 scalar primitives are traced once per
+    dtype), so a trace with many alignments stays cheap."""
+    for fn in (pow2.pow2_floor_and_reciprocal, pow2.pow2_sqrt_down, pow2.pow2_rsqrt_down):
+        eqns = jax.make_jaxpr(fn)(jnp.float32(3.0)).jaxpr.eqns
+        assert [e.primitive.name for e in eqns] == ["jit"], (fn, eqns)
+    f, inv = jax.jit(pow2.pow2_floor_and_reciprocal)(jnp.float32(3.0))
+    assert (float(f), float(inv)) == (2.0, 0.5)
+    assert jax.grad(lambda s: sum(pow2.pow2_floor_and_reciprocal(s)))(jnp.float32(3.0)) == 0

@@ -12,7 +12,7 @@ from jax.extend.core import primitives as jax_primitives
 import scalify as sfy
 from scalify.core.pow2 import is_static
 from scalify.rules import elementwise as ew
-from tests.utils import assert_pow2_scales, oracle, rtol_of
+from tests.utils import assert_pow2_scales, oracle, primitive_names, rtol_of
 
 DTYPES = [np.float32, np.float16]
 # Absolute tolerance, relative to the largest finite expected magnitude: a rule rounds
@@ -469,11 +469,10 @@ def test_static_constants_have_no_runtime_scale_rounding():
     no mantissa mask (`and` on the scale's bits) is in the program."""
     x = sfy.ScaledArray(jnp.ones(4, jnp.float16), jnp.float32(0.5))
     for fn in (lambda x: x * 3.0, lambda x: x + 0.0, lambda x: jnp.maximum(x, -jnp.inf)):
-        jaxpr = jax.make_jaxpr(sfy.scalify(fn))(x).jaxpr
-        prims = {e.primitive.name for e in jaxpr.eqns}
+        prims = primitive_names(sfy.scalify(fn), x)
         assert "and" not in prims, prims
-    rounded = jax.make_jaxpr(sfy.scalify(lambda x: jnp.sqrt(x)))(x).jaxpr  # the check can fail
-    assert "and" in {e.primitive.name for e in rounded.eqns}
+    # the check can fail: sqrt rounds its traced scale from bits (in a nested `jit`)
+    assert "and" in primitive_names(sfy.scalify(lambda x: jnp.sqrt(x)), x)
     for fn in (lambda x: x + 0.0, lambda x: jnp.maximum(x, -jnp.inf)):
         jaxpr = jax.make_jaxpr(sfy.scalify(fn))(x).jaxpr
         assert jaxpr.outvars[1] is jaxpr.invars[1]  # the scale passes through untouched
