@@ -26,7 +26,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from scalify import _jax_compat
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
-from scalify.core.operands import as_jax, is_scale_free, pow2_scope, promote, static_uniform_value
+from scalify.core.operands import as_jax, computed_once, is_scale_free, pow2_scope, promote, static_uniform_value
 from scalify.core.pow2 import is_static
 from scalify.core.registry import (
     UnsupportedPrimitiveError,
@@ -185,6 +185,16 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
     return out
 
 
+def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
+    """A rule's output with a newly computed traced scale marked `computed_once` (an
+    input's scale passed through unchanged stays as it is)."""
+    if not isinstance(out, ScaledArray) or is_static(out.scale):
+        return out
+    if any(isinstance(x, ScaledArray) and x.scale is out.scale for x in invals):
+        return out
+    return ScaledArray(out.data, computed_once(out.scale))
+
+
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
     needs_rule = _needs_rule(eqn, invals)
@@ -206,7 +216,10 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
                 f"(in scalify's rule for '{eqn.primitive.name}' at {_jax_compat.source_line(eqn)})"
             )
             raise
-        return list(out) if eqn.primitive.multiple_results else [out]
+        outs = list(out) if eqn.primitive.multiple_results else [out]
+        if next(_sub_jaxprs(eqn.params), None) is not None:
+            return outs  # control flow, calls: their bodies' rules marked the scales
+        return [_scale_computed_once(o, invals) for o in outs]
     # Operand-free equations (``iota``) fold only through a NumPy evaluator, which
     # decides how large a constant it is worth embedding.
     if foldable and (invals or get_static_impl(eqn.primitive)):
