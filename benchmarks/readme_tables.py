@@ -133,11 +133,14 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         _table(["case", "trace", "compile", "run", "run ms (jax / scalify)"], rows),
         "",
         "Where the compile time goes: XLA's CPU backend spends tens of milliseconds on each "
-        "distinct kernel. It copies each tensor's scale arithmetic (a few scalar operations "
-        "per rule) into every kernel that uses it, so kernels that are identical in the plain "
-        "program differ under scalify and are compiled separately; a `lax.scan` also writes "
-        "each per-step scale of its stacked outputs with a kernel of its own. The compiled "
-        "step then runs at the plain step's speed.",
+        "distinct kernel. Left to itself, XLA copies each tensor's scale arithmetic into every "
+        "kernel that uses it, so kernels identical in the plain program become distinct and "
+        "the copies grow with depth (a two-block Flax NNX transformer step compiled 10x "
+        "slower than plain JAX). scalify has XLA compute each rule's output scale once, in a "
+        "small kernel of its own (`ScalifyConfig(scales_computed_once=True)`, the default): "
+        "that NNX step now compiles 4x faster, at a few microseconds per scale per step at "
+        "run time. What remains is those scalar kernels, one kernel per per-step scale that "
+        "a `lax.scan` stacks, and XLA's passes over the larger program.",
     ])
 
 

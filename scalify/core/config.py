@@ -47,10 +47,17 @@ class ScalifyConfig:
       rounding_mode: how rules round the scales they compute (`Pow2RoundMode`).
       scale_dtype: dtype of the scales rules create (float32 by default; float16 or
         bfloat16 scales save nothing measurable and lose range, so prefer float32).
+      scales_computed_once: compute each rule's output scale once, in a small kernel of
+        its own, instead of letting XLA copy it into every kernel that uses it (see
+        `scalify.core.operands.computed_once`). True by default: compile time of deep
+        unrolled models drops several-fold (a two-block Flax NNX transformer step: 4x),
+        at the cost of a few microseconds per scale per step at run time (measured on
+        CPU: +3-4% step time on a small scan transformer). False trades back.
     """
 
     rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
     scale_dtype: Any = np.float32
+    scales_computed_once: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounding_mode, Pow2RoundMode):
@@ -61,6 +68,10 @@ class ScalifyConfig:
         if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
             raise TypeError(f"ScalifyConfig.scale_dtype must be a float dtype, got {dtype}.")
         object.__setattr__(self, "scale_dtype", dtype)
+        if not isinstance(self.scales_computed_once, bool):
+            raise TypeError(
+                f"ScalifyConfig.scales_computed_once must be a bool, got {self.scales_computed_once!r}."
+            )
 
     def __enter__(self) -> "ScalifyConfig":
         _stack().append(self)

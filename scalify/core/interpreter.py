@@ -25,6 +25,7 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from scalify import _jax_compat
+from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
 from scalify.core.operands import as_jax, computed_once, is_scale_free, pow2_scope, promote, static_uniform_value
 from scalify.core.pow2 import is_static
@@ -188,7 +189,7 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
 def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
     """A rule's output with a newly computed traced scale marked `computed_once` (an
     input's scale passed through unchanged stays as it is)."""
-    if not isinstance(out, ScaledArray) or is_static(out.scale):
+    if not isinstance(out, ScaledArray) or is_static(out.scale) or not get_config().scales_computed_once:
         return out
     if any(isinstance(x, ScaledArray) and x.scale is out.scale for x in invals):
         return out

@@ -40,3 +40,5 @@ def test_bad_config_values():
         sfy.ScalifyConfig(rounding_mode="down")
     with pytest.raises(TypeError, match="scale_dtype"):
         sfy.ScalifyConfig(scale_dtype=np.int32)
+    with pytest.raises(TypeError, match="scales_computed_once"):
+        sfy.ScalifyConfig(scales_computed_once=1)

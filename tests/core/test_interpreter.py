@@ -145,11 +145,14 @@ def test_compiled_program_grows_linearly_with_depth():
     sizes = {}
     for depth in (4, 8):
         step, params, x = _unrolled_mlp_step(depth)
-        sizes[depth] = (_compiled_size(step, params, x),
-                        _compiled_size(sfy.scalify(step), sfy.as_scaled_array(params), sfy.as_scaled_array(x)))
+        sargs = (sfy.as_scaled_array(params), sfy.as_scaled_array(x))
+        with sfy.ScalifyConfig(scales_computed_once=False):
+            copied = _compiled_size(sfy.scalify(step), *sargs)
+        sizes[depth] = (_compiled_size(step, params, x), _compiled_size(sfy.scalify(step), *sargs), copied)
     plain_growth = sizes[8][0] - sizes[4][0]
     scaled_growth = sizes[8][1] - sizes[4][1]
     assert scaled_growth <= 8 * plain_growth, (sizes, scaled_growth / plain_growth)
+    assert sizes[8][2] - sizes[4][2] > 2 * scaled_growth, sizes  # the option does what it says
 
 
 def test_scale_computed_once_is_exact_and_keeps_its_reciprocal():
