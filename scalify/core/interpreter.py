@@ -5,7 +5,9 @@ The interpreter knows no primitive by name. For each equation it:
 1. calls the primitive's registered scaled rule when any operand is a ScaledArray, or
    when the primitive, or one inside its sub-jaxprs (control flow), is registered
    ``always_scaled`` (and raises `UnsupportedPrimitiveError` naming the primitive, the
-   operands and the user's source line when there is none);
+   operands and the user's source line when there is none). A scale the rule newly
+   computed is marked `computed_once`, so that XLA computes it once rather than copying
+   its arithmetic into every kernel that reads it;
 2. folds the equation at trace time when every operand is static (NumPy literals and
    constants, or earlier folds), so that ``zeros_like``, ``full(-inf)`` masks and
    constant scalars keep their values for the rules that meet them later. A primitive's

@@ -256,7 +256,7 @@ def computed_once(s: Any) -> Any:
     inf = np.asarray(np.inf, s.dtype)
     inv = exact_reciprocal(s)
     out = jax.lax.rem(s, inf)
-    if inv is not None:
+    if inv is not None and _POW2_DEPTH[0]:
         _register_pow2(out, jax.lax.rem(inv, inf) if not is_static(inv) else inv)
     return out
 
