@@ -202,7 +202,10 @@ def mark_pow2(s: Any) -> Any:
 
 
 def _register_pow2(s: Any, inv: Any) -> None:
-    _POW2_SCALES[id(s)] = (s, inv)
+    """Record the traced power of two ``s`` with its reciprocal ``inv`` for the rest of
+    the enclosing `pow2_scope` (outside one, a no-op)."""
+    if _POW2_DEPTH[0]:
+        _POW2_SCALES[id(s)] = (s, inv)
 
 
 def exact_reciprocal(s: Any) -> Optional[Any]:
@@ -256,8 +259,8 @@ def computed_once(s: Any) -> Any:
     inf = np.asarray(np.inf, s.dtype)
     inv = exact_reciprocal(s)
     out = jax.lax.rem(s, inf)
-    if inv is not None and _POW2_DEPTH[0]:
-        _register_pow2(out, jax.lax.rem(inv, inf) if not is_static(inv) else inv)
+    if inv is not None:  # registered reciprocals are traced too
+        _register_pow2(out, jax.lax.rem(inv, inf))
     return out
 
 
@@ -276,8 +279,7 @@ def aligned_scale(s: Any) -> Any:
     if known_pow2(s):
         return s
     f, inv = pow2_floor_and_reciprocal(s)
-    if _POW2_DEPTH[0]:
-        _register_pow2(f, inv)
+    _register_pow2(f, inv)
     return f
 
 

@@ -158,12 +158,20 @@ def pow2_floor_and_reciprocal(x: Any) -> Tuple[Any, Any]:
     return _floor_and_reciprocal(x)
 
 
-def _sqrt_down_bits(s: Any) -> Tuple[Any, Any]:
+@jax.jit
+def pow2_sqrt_down(s: Any) -> Tuple[Any, Any]:
+    """``(p, 1 / p)`` with ``p = pow2_round_down(sqrt(s))`` of a traced positive normal
+    scalar ``s``: ``p = 2**floor(floor(log2 s) / 2)``, from exponent bits (exact, no
+    square root or division, which XLA would compile as kernels of their own), one `jit`
+    equation traced once per dtype. No gradient."""
     k = jax.lax.shift_right_arithmetic(exponent(s), np.int32(1))  # floor(e / 2)
     return exp2_int(k, s.dtype), exp2_int(jax.lax.neg(k), s.dtype)
 
 
-def _rsqrt_down_bits(s: Any) -> Any:
+@jax.jit
+def pow2_rsqrt_down(s: Any) -> Any:
+    """``pow2_round_down(1 / sqrt(s))`` of a traced positive normal scalar ``s``:
+    ``2**-ceil(ceil(log2 s) / 2)``, from exponent and mantissa bits, as `pow2_sqrt_down`."""
     lax = jax.lax
     itype, mask = _exponent_mask(s.dtype)
     fraction = lax.bitwise_and(_bits(s, itype), ~mask)  # non-zero: not a power of two
@@ -171,24 +179,6 @@ def _rsqrt_down_bits(s: Any) -> Any:
     # -ceil(log2(s) / 2) = -ceil(ceil(log2 s) / 2), and ceil(a / 2) = (a + 1) >> 1
     k = lax.neg(lax.shift_right_arithmetic(lax.add(up, np.int32(1)), np.int32(1)))
     return exp2_int(k, s.dtype)
-
-
-_traced_sqrt_down = jax.jit(_sqrt_down_bits)
-_traced_rsqrt_down = jax.jit(_rsqrt_down_bits)
-
-
-def pow2_sqrt_down(s: Any) -> Tuple[Any, Any]:
-    """``(p, 1 / p)`` with ``p = pow2_round_down(sqrt(s))`` of a traced positive normal
-    scalar ``s``: ``p = 2**floor(floor(log2 s) / 2)``, from exponent bits (exact, no
-    square root or division, which XLA would compile as kernels of their own), one `jit`
-    equation traced once per dtype. No gradient."""
-    return _traced_sqrt_down(s)
-
-
-def pow2_rsqrt_down(s: Any) -> Any:
-    """``pow2_round_down(1 / sqrt(s))`` of a traced positive normal scalar ``s``:
-    ``2**-ceil(ceil(log2 s) / 2)``, from exponent and mantissa bits, as `pow2_sqrt_down`."""
-    return _traced_rsqrt_down(s)
 
 
 def pow2_round_up(x: Any) -> Any:
