@@ -14,6 +14,10 @@ The interpreter knows no primitive by name. For each equation it:
    registered NumPy evaluator (`register_static_impl`) computes the fold; others run
    eagerly through XLA;
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
+
+A rule may return a `Deferred` value (a scan's output whose scale varies per step) that
+only rules registered ``takes_deferred`` read as it is; the interpreter materialises it
+as a ScaledArray for any other rule and at the end of every jaxpr.
 """
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
 from scalify.core.operands import as_jax, computed_once, is_scale_free, pow2_scope, promote, static_uniform_value
 from scalify.core.pow2 import is_static
 from scalify.core.registry import (
+    Deferred,
     UnsupportedPrimitiveError,
     get_scaled_rule,
     get_static_impl,
     is_always_scaled,
+    takes_deferred,
 )
 
 # Folding materialises an equation's result on the host at trace time: above this many
@@ -145,7 +151,7 @@ def _scales_inside(jaxpr: Jaxpr) -> bool:
 
 def _needs_rule(eqn: Any, invals: Sequence[Any]) -> bool:
     return (
-        any(isinstance(x, ScaledArray) for x in invals)
+        any(isinstance(x, (ScaledArray, Deferred)) for x in invals)
         or is_always_scaled(eqn.primitive)
         or (get_scaled_rule(eqn.primitive) is not None
             and any(_scales_inside(j) for j in _sub_jaxprs(eqn.params)))
@@ -200,6 +206,8 @@ def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
 
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
+    if any(isinstance(x, Deferred) for x in invals) and not takes_deferred(eqn.primitive):
+        invals = [materialise(x) for x in invals]
     needs_rule = _needs_rule(eqn, invals)
     foldable = not needs_rule and _is_foldable(eqn, invals)
     if not needs_rule and not foldable:
@@ -262,6 +270,11 @@ class observe:
         _OBSERVERS.remove(self.observer)
 
 
+def materialise(x: Any) -> Any:
+    """``x``, or the ScaledArray of a `Deferred` ``x``."""
+    return x.materialise() if isinstance(x, Deferred) else x
+
+
 def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules."""
     env: dict = {}
@@ -288,7 +301,7 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
             obs(eqn, invals, outs)
         for v, o in zip(eqn.outvars, outs):
             write(v, o)
-    return [read(v) for v in jaxpr.outvars]
+    return [materialise(read(v)) for v in jaxpr.outvars]
 
 
 def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any) -> List[Any]:

@@ -17,6 +17,8 @@ _RULES: Dict[Primitive, Callable[..., Any]] = {}
 # Primitives whose rule runs even when no operand is a ScaledArray (e.g. `set_scaling`,
 # which turns a plain array into a ScaledArray inside scalify).
 _ALWAYS_SCALED: set = set()
+# Primitives whose rule takes `Deferred` operands as they are (see `register_scaled_op`).
+_TAKES_DEFERRED: set = set()
 # NumPy evaluators used to fold equations whose operands are all static (see
 # `register_static_impl`).
 _STATIC_IMPLS: Dict[Primitive, Callable[..., Any]] = {}
@@ -27,7 +29,7 @@ class UnsupportedPrimitiveError(NotImplementedError):
 
 
 def register_scaled_op(
-    *prims: Primitive, always_scaled: bool = False
+    *prims: Primitive, always_scaled: bool = False, takes_deferred: bool = False
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``rule`` as the scaled rule of each primitive in ``prims``::
 
@@ -35,7 +37,9 @@ def register_scaled_op(
         def add(x, y, **params): ...
 
     With ``always_scaled=True`` the interpreter calls the rule even when every operand
-    is plain (the rule then decides whether its output is a ScaledArray).
+    is plain (the rule then decides whether its output is a ScaledArray). With
+    ``takes_deferred=True`` it hands the rule `Deferred` operands as they are; every
+    other rule gets them materialised.
     """
     for p in prims:
         if not isinstance(p, Primitive):
@@ -48,6 +52,10 @@ def register_scaled_op(
                 _ALWAYS_SCALED.add(p)
             else:
                 _ALWAYS_SCALED.discard(p)
+            if takes_deferred:
+                _TAKES_DEFERRED.add(p)
+            else:
+                _TAKES_DEFERRED.discard(p)
         return rule
 
     return decorator
@@ -61,6 +69,32 @@ def get_scaled_rule(prim: Primitive) -> Optional[Callable[..., Any]]:
 def is_always_scaled(prim: Primitive) -> bool:
     """True when ``prim``'s rule runs even on plain operands (``always_scaled=True``)."""
     return prim in _ALWAYS_SCALED
+
+
+def takes_deferred(prim: Primitive) -> bool:
+    """True when ``prim``'s rule takes `Deferred` operands (``takes_deferred=True``)."""
+    return prim in _TAKES_DEFERRED
+
+
+class Deferred:
+    """A rule's result kept in a form that some rules consume more cheaply than its
+    `ScaledArray`: `materialise` gives the ScaledArray (computed once, then reused).
+
+    The one kind so far is a scan's stacked output whose scale varies per step (see
+    `scalify.rules.control_flow.scan`): as a ScaledArray its steps must be aligned to one
+    scale, a pass over the whole stack, while a later scan reading it step by step can
+    take each step at its own scale. The interpreter materialises a Deferred operand for
+    every rule not registered ``takes_deferred`` and at the end of every jaxpr."""
+
+    _value: Any = None
+
+    def materialise(self) -> Any:
+        if self._value is None:
+            self._value = self._materialise()
+        return self._value
+
+    def _materialise(self) -> Any:
+        raise NotImplementedError
 
 
 def registered_primitives() -> Dict[Primitive, Callable[..., Any]]:

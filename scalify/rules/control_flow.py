@@ -19,9 +19,12 @@ transform as its two leaves, ``data`` and ``scale``:
   carry by 2 (or 0.5) on each step then moves only the scale, exactly: the data never
   drifts out of its narrow format, however many steps run (within the float32 range of
   the scale). Rescaling to a fixed scale would push the drift into the data.
-- Stacked scan outputs (``ys``) share one scale per array: a scale fixed at trace time is
-  kept; a scale that varies per step is stacked and all steps are aligned to the largest
-  one after the loop, like ``concatenate`` (much smaller steps may lose low bits).
+- Stacked scan outputs (``ys``) keep a scale fixed at trace time. A scale that varies
+  per step is stacked beside the data: a later scan reads such ``ys`` as ``xs`` step by
+  step, each at its own scale (exact, and no pass over the stack: in a training step the
+  backward scan reads the forward scan's residuals this way), while every other rule
+  gets one array aligned to the largest per-step scale, like ``concatenate`` (much
+  smaller steps may lose low bits). See `PerStepScaled`.
 - ``cond``/``switch`` branches must agree on which outputs are scaled: the union is used
   (plain results of the other branches are promoted). A static branch index selects the
   branch at trace time.
@@ -53,7 +56,7 @@ from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.interpreter import eval_closed_jaxpr, eval_jaxpr, scalify
 from scalify.core.operands import as_jax, cast, compute_dtype, is_scale_free, promote, scale_dtype
 from scalify.core.pow2 import is_static
-from scalify.core.registry import register_scaled_op
+from scalify.core.registry import Deferred, register_scaled_op
 
 # --- ScaledArrays as leaves ----------------------------------------------------------
 
@@ -196,27 +199,37 @@ def _carry_out(outs: Sequence[Any], kinds: List[Optional[np.dtype]], owner: obje
     return [_as_kind(o, k) for o, k in zip(outs, kinds)]
 
 
-@register_scaled_op(P.scan_p)
+@register_scaled_op(P.scan_p, takes_deferred=True)
 def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, length: int,
          reverse: bool = False, unroll: Any = 1, **params: Any) -> List[Any]:
     """``lax.scan`` of the scalified body, carrying ``(data, scale)`` of scaled carries.
 
     Consts are closed over (static scales stay static in the body); a scaled ``xs`` is
     sliced on its data while its scale, shared by all steps, is closed over. Scaled
-    ``ys`` keep a scale fixed at trace time, or are aligned to the largest per-step
-    scale after the loop (see the module docstring)."""
-    consts = operands[:num_consts]
-    init = operands[num_consts:num_consts + num_carry]
+    ``ys`` keep a scale fixed at trace time, or come out as `PerStepScaled` (data and
+    one scale per step) when their scale varies per step: another scan reads them as
+    ``xs`` step by step at each step's own scale, and any other rule gets them aligned to
+    the largest per-step scale (see the module docstring). In a training step this is
+    what the backward scan does with the forward scan's residuals, which then need no
+    alignment pass."""
+    operands = [x if isinstance(x, PerStepScaled) else interpreter.materialise(x) for x in operands]
+    consts = [interpreter.materialise(x) for x in operands[:num_consts]]
+    init = [interpreter.materialise(x) for x in operands[num_consts:num_consts + num_carry]]
     xs = operands[num_consts + num_carry:]
-    xs_data = [as_jax(x.data if isinstance(x, ScaledArray) else x) for x in xs]
+    xs_data = [as_jax(x.data if isinstance(x, (ScaledArray, PerStepScaled)) else x) for x in xs]
     xs_scale = [x.scale if isinstance(x, ScaledArray) else None for x in xs]
+    per_step = [i for i, x in enumerate(xs) if isinstance(x, PerStepScaled)]
+    xs_data += [xs[i].scales for i in per_step]  # sliced beside the data, step by step
     extra = {k: v for k, v in params.items() if k == "_split_transpose" and v}
 
     def attempt(kinds: List[Optional[np.dtype]], owner: object) -> List[Any]:
         ys_kind: List[Any] = []  # per y: None (plain), a static scale, or "stacked"
 
         def body(carry: List[Any], x: List[Any]) -> Tuple[List[Any], List[Any]]:
-            xv = [d if s is None else _mk(d, s) for d, s in zip(x, xs_scale)]
+            scales = list(xs_scale)
+            for i, s in zip(per_step, x[len(xs):]):
+                scales[i] = s
+            xv = [d if s is None else _mk(d, s) for d, s in zip(x[:len(xs)], scales)]
             outs = eval_closed_jaxpr(jaxpr, *consts, *carry, *xv)
             new_carry = _carry_out(outs[:num_carry], kinds, owner)
             ys_kind.clear()
@@ -236,25 +249,37 @@ def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, le
         carry0 = [_as_kind(c, k) for c, k in zip(init, kinds)]
         carry, ys = lax.scan(body, carry0, xs_data, length=length, reverse=reverse,
                              unroll=unroll, **extra)
-        return list(carry) + [_unstack(y, k, length) for y, k in zip(ys, ys_kind)]
+        return list(carry) + [_stacked(y, k) for y, k in zip(ys, ys_kind)]
 
     return _fixpoint(attempt, [_sdtype(c) for c in init])
 
 
-def _unstack(y: Any, kind: Any, length: int) -> Any:
-    """A stacked scan output as one array: plain, at a static scale, or aligned to the
-    largest of its per-step scales (exact when they are all equal)."""
+def _stacked(y: Any, kind: Any) -> Any:
+    """A stacked scan output: plain, at a static scale, or `PerStepScaled`."""
     if kind is None:
         return y
     if not (isinstance(kind, str) and kind == "stacked"):
         return _mk(y, kind)
-    data, scales = y
-    if length == 0:
-        return _mk(data, np.ones((), scales.dtype))
-    top = lax.reduce_max(scales, (0,))
-    cd = compute_dtype(data.dtype)
-    ratio = lax.broadcast_in_dim(cast(lax.div(scales, top), cd), data.shape, (0,))
-    return _mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
+    return PerStepScaled(*y)
+
+
+class PerStepScaled(Deferred):
+    """A scan's stacked output whose scale varies per step: ``data`` (steps on axis 0)
+    and ``scales`` (one per step). As a ScaledArray, every step is aligned to the largest
+    per-step scale (exact when they are all equal; much smaller steps may lose low bits,
+    as in ``concatenate``)."""
+
+    def __init__(self, data: Any, scales: Any):
+        self.data, self.scales = data, scales
+
+    def _materialise(self) -> ScaledArray:
+        data, scales = self.data, self.scales
+        if scales.shape[0] == 0:
+            return _mk(data, np.ones((), scales.dtype))
+        top = lax.reduce_max(scales, (0,))
+        cd = compute_dtype(data.dtype)
+        ratio = lax.broadcast_in_dim(cast(lax.div(scales, top), cd), data.shape, (0,))
+        return _mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
 
 
 @register_scaled_op(P.while_p)

@@ -106,6 +106,44 @@ def test_scan_ys_with_per_step_scales_are_aligned():
     assert float(ys.scale) == 2.0**-27  # the largest per-step scale
 
 
+def _spread_steps(c):
+    """Stacked ys whose per-step scales span 2**-90: aligned to the largest, the small
+    steps' float16 data would flush to zero. (Three factors of 2**-10: a float16 program
+    rounds the literal 2**-30 itself to 0.)"""
+    return lax.scan(lambda c, _: (c * 2.0**-10 * 2.0**-10 * 2.0**-10, c), c, None, length=4)[1]
+
+
+def test_scan_reads_per_step_scaled_ys_step_by_step():
+    # The second scan (as the backward scan reads the forward scan's residuals) takes
+    # each step at its own scale: exact, where aligning first would give zeros.
+    def f(c):
+        ys = _spread_steps(c)
+        k = jnp.asarray([1.0, 2.0**30, 2.0**60, 2.0**90], jnp.float32)
+        return lax.scan(lambda acc, yk: (acc + yk[0] * yk[1], yk[0] * yk[1]), jnp.zeros(c.shape, jnp.float32), (ys, k))
+
+    c = scaled(X, 1.0, np.float16)
+    acc, back = _both(f, c, dtype=np.float16)
+    np.testing.assert_array_equal(np.asarray(sfy.asarray(back)), np.broadcast_to(np.asarray(c.data, np.float32), (4, 3, 4)))
+    # ... and the first scan's ys are never aligned: the one max over per-step scales
+    # is the second scan's, whose ys are a scalify output.
+    jaxpr = jax.make_jaxpr(sfy.scalify(f))(c)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("reduce_max") == 1
+
+
+def test_scan_per_step_scaled_ys_are_aligned_for_other_consumers():
+    def f(c):
+        ys = _spread_steps(c)
+        init = ys[0]  # an indexing rule: aligned first
+        carry, _ = lax.scan(lambda a, y: (a + y, None), init, ys)  # as init and as xs
+        return carry, ys, jnp.sum(ys, axis=(1, 2))
+
+    c = scaled(X, 1.0, np.float16)
+    carry, ys, sums = _both(f, c, dtype=np.float16)
+    assert float(ys.scale) == 1.0  # the largest per-step scale
+    out = jax.jit(sfy.scalify(lambda c: lax.scan(lambda c, _: (c * 2.0, c), c, None, length=3)[1]))(c)
+    assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 4.0  # a scalify output
+
+
 def test_scan_static_scale_at_entry_becomes_a_traced_carry():
     c = sfy.ScaledArray(jnp.asarray(X, jnp.float16), np.float32(2.0**-8))  # NumPy scale
 
