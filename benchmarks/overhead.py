@@ -8,10 +8,23 @@ in one run, interleaved, and the ratios printed: trace (`jax.jit(f).trace`, medi
 `--trace-rounds` from-scratch traces), lower+compile (median over `--rounds` from-scratch
 rounds, caches cleared), and steady-state run (median over `--repeats`). Results go to
 JSON.
+
+`--decompose` also compiles and runs two reference programs beside them, to show where
+scalify's overhead comes from:
+
+- ``static-scales``: the same scalify step, with every input scale a NumPy 1 known at trace
+  time (the ScaledArrays are built inside the jitted function). The rules fold all scale
+  arithmetic that follows from the inputs, so what remains over plain JAX is scalify's
+  data-side work (rescaling multiplies, the measured sums' reductions) and the scales that
+  depend on data.
+- ``static-sums``: as ``static-scales``, with every ``reduce_sum`` on the static
+  ``pow2(sqrt(N))`` rule instead of a measured scale (a numerical reference only: scalify
+  measures sums for the reasons given in `scalify.rules.reductions.reduce_sum`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -28,6 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scalify as sfy  # noqa: E402
+import scalify.rules.reductions as reductions  # noqa: E402
 import gpt  # noqa: E402
 
 
@@ -75,42 +89,79 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _fresh_trace(fn: Callable, args: tuple) -> Any:
+def _fresh_trace(fn: Callable, args: tuple, context: Callable = contextlib.nullcontext) -> Any:
     """``(jax.jit(fn).trace(*args), seconds)`` with caches cleared first (no cache hits:
-    measure real work) and garbage collected (no collection pause in the timing)."""
+    measure real work) and garbage collected (no collection pause in the timing); the
+    trace runs inside ``context()``."""
     jax.clear_caches()
     gc.collect()
     jitted = jax.jit(fn)
-    t0 = time.perf_counter()
-    traced = jitted.trace(*args)
-    return traced, time.perf_counter() - t0
+    with context():
+        t0 = time.perf_counter()
+        traced = jitted.trace(*args)
+        return traced, time.perf_counter() - t0
+
+
+def with_static_scales(step: Callable) -> Callable:
+    """``step`` on plain arrays, run as ``scalify(step)`` on ScaledArrays whose scales are
+    NumPy ones: scales known at trace time, which the rules fold (see --decompose)."""
+
+    def static_step(*args: Any) -> Any:
+        def wrap(a: Any) -> Any:
+            return sfy.ScaledArray(a, np.ones((), np.float32)) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+        return sfy.scalify(step)(*jax.tree.map(wrap, args))
+
+    return static_step
+
+
+@contextlib.contextmanager
+def static_sums():
+    """Every ``reduce_sum`` traced inside takes the static ``pow2(sqrt(N))`` scale rule."""
+    saved = reductions.MEASURED_MIN_REDUCED
+    reductions.MEASURED_MIN_REDUCED = np.iinfo(np.int64).max
+    try:
+        yield
+    finally:
+        reductions.MEASURED_MIN_REDUCED = saved
 
 
 def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,
-            trace_rounds: int = 15) -> Dict[str, Any]:
-    variants = {"jax": (step, plain_args), "scalify": (sfy.scalify(step), scaled_args)}
+            trace_rounds: int = 15, decompose: bool = False) -> Dict[str, Any]:
+    null = contextlib.nullcontext
+    variants = {"jax": (step, plain_args, null), "scalify": (sfy.scalify(step), scaled_args, null)}
+    if decompose:
+        variants["static-scales"] = (with_static_scales(step), plain_args, null)
+        variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
     res: Dict[str, Dict[str, List[float]]] = {k: {"trace": [], "compile": [], "run": []} for k in variants}
     compiled = {}
     for _ in range(rounds):  # trace/compile from scratch a few times, interleaved
-        for name, (fn, args) in variants.items():
-            traced, dt = _fresh_trace(fn, args)
+        for name, (fn, args, context) in variants.items():
+            traced, dt = _fresh_trace(fn, args, context)
             t0 = time.perf_counter()
             compiled[name] = traced.lower().compile()
             res[name]["trace"].append(dt)
             res[name]["compile"].append(time.perf_counter() - t0)
     # Traces are short (a fraction of a second) and noisy: more from-scratch samples.
     for _ in range(max(trace_rounds - rounds, 0)):
-        for name, (fn, args) in variants.items():
-            res[name]["trace"].append(_fresh_trace(fn, args)[1])
-    for name, (fn, args) in variants.items():  # warm up
+        for name in ("jax", "scalify"):
+            fn, args, context = variants[name]
+            res[name]["trace"].append(_fresh_trace(fn, args, context)[1])
+    for name, (fn, args, _) in variants.items():  # warm up
         for _ in range(3):
             _timed(lambda: compiled[name](*args))
     for _ in range(repeats):
-        for name, (fn, args) in variants.items():
+        for name, (fn, args, _) in variants.items():
             res[name]["run"].append(_timed(lambda: compiled[name](*args)))
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
     ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
-    return {"median_s": med, "ratio": ratios}
+    out: Dict[str, Any] = {"median_s": med, "ratio": ratios}
+    if decompose:
+        out["decomposition"] = {
+            name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}
+            for name in ("static-scales", "static-sums")
+        }
+    return out
 
 
 def main(argv: Any = None) -> Dict[str, Any]:
@@ -120,6 +171,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     parser.add_argument("--trace-rounds", type=int, default=15, help="from-scratch traces (at least --rounds)")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float16"])
     parser.add_argument("--models", nargs="+", default=["mlp", "gpt"])
+    parser.add_argument("--decompose", action="store_true",
+                        help="also measure the static-scales and static-sums reference programs")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
     args = parser.parse_args(argv)
     cases = {"mlp": mlp_case, "gpt": gpt_case}
@@ -130,13 +183,15 @@ def main(argv: Any = None) -> Dict[str, Any]:
     for model in args.models:
         for dt in args.dtype:
             step, plain, scaled = cases[model](jnp.dtype(dt))
-            r = measure(step, plain, scaled, args.repeats, args.rounds, args.trace_rounds)
+            r = measure(step, plain, scaled, args.repeats, args.rounds, args.trace_rounds, args.decompose)
             name = f"{model}-{dt}"
             results["cases"][name] = r
             q = r["ratio"]
             print(f"{name:<16}{q['trace']:>9.2f}x{q['compile']:>9.2f}x{q['run']:>9.2f}x"
                   f"   run: jax {r['median_s']['jax']['run'] * 1e3:.2f} ms, "
                   f"scalify {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
+            for part, p in r.get("decomposition", {}).items():
+                print(f"  {part:<14}{'':>10}{p['compile']:>9.2f}x{p['run']:>9.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -116,14 +116,18 @@ def render_train_gpt(d: Dict[str, Any], results_dir: str) -> str:
 
 
 def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
-    rows = []
+    rows, parts = [], []
     for name, c in d["cases"].items():
         r, med = c["ratio"], c.get("median_s", {})
         run_ms = ""
         if "jax" in med and "scalify" in med:
             run_ms = f"{med['jax']['run'] * 1e3:.2f} / {med['scalify']['run'] * 1e3:.2f}"
         rows.append([name, _ratio(r.get("trace")), _ratio(r.get("compile")), _ratio(r.get("run")), run_ms])
-    return "\n".join([
+        dec = c.get("decomposition")
+        if dec:
+            parts.append([name] + [_ratio(x.get("compile")) for x in (r, dec["static-scales"], dec["static-sums"])]
+                         + [_ratio(x.get("run")) for x in (r, dec["static-scales"], dec["static-sums"])])
+    out = [
         "### Overhead: `jit(scalify(step))` vs `jit(step)` (`benchmarks/overhead.py`)",
         "",
         f"Measured on **{d['device']}**, same data dtype on both sides, medians; ratios are "
@@ -141,7 +145,22 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         "that NNX step now compiles 4x faster, at a few microseconds per scale per step at "
         "run time. What remains is those scalar kernels, one kernel per per-step scale that "
         "a `lax.scan` stacks, and XLA's passes over the larger program.",
-    ])
+    ]
+    if parts:
+        out += [
+            "",
+            "Where the rest comes from (`--decompose`): the same step compiled and run with every "
+            "input scale known at trace time (*static scales*: the rules fold all scale "
+            "arithmetic that follows from the inputs, leaving scalify's data-side work and the "
+            "scales that depend on data), and additionally with every `reduce_sum` on the static "
+            "`pow2(sqrt(N))` rule instead of its measured scale (*static sums*, a reference only: "
+            "scalify measures sums to keep layer-norm statistics and their gradients at unit "
+            "size, see `scalify.rules.reductions`). Ratios to plain JAX:",
+            "",
+            _table(["case", "compile", "static scales", "static sums", "run", "static scales",
+                    "static sums"], parts),
+        ]
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------

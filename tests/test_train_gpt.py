@@ -63,7 +63,9 @@ def _check_readme_tables_render_all_benchmarks(quick_run, tmp_path):
     (tmp_path / "train_gpt.json").write_text(json.dumps(results))
     (tmp_path / "overhead.json").write_text(json.dumps({
         "device": "TestCPU", "cases": {"mlp-float16": {"ratio": {"trace": 2.0, "compile": 1.5, "run": 1.02},
-                                                       "median_s": {"jax": {"run": 1e-3}, "scalify": {"run": 1.02e-3}}}}}))
+                                                       "median_s": {"jax": {"run": 1e-3}, "scalify": {"run": 1.02e-3}},
+                                                       "decomposition": {"static-scales": {"compile": 1.25, "run": 1.01},
+                                                                         "static-sums": {"compile": 1.125, "run": 0.99}}}}}))
     (tmp_path / "optimizer_memory.json").write_text(json.dumps({
         "model": "GPT-2 small", "n_params": 124e6, "optimizer": "optax.adam",
         "rows": {"float32": {"params_bytes": 4e8, "state_bytes": 8e8, "total_bytes": 1.2e9, "total_ratio": 1.0}}}))
@@ -75,6 +77,7 @@ def _check_readme_tables_render_all_benchmarks(quick_run, tmp_path):
     assert results["device"] in body and "TestCPU" in body and "gpu: H100" in body
     assert "scalify-fp16" in body and "1.83x" in body and "GPT-2 small" in body
     assert "non-finite at step" in body  # the plain float16 row
+    assert "| mlp-float16 | 1.50x | 1.25x | 1.12x | 1.02x | 1.01x | 0.99x |" in body  # --decompose
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nintro\n\n{readme_tables.START}\nold\n{readme_tables.END}\n\nafter\n")
