@@ -84,7 +84,7 @@ def _check_readme_tables_render_all_benchmarks(quick_run, tmp_path):
     assert readme_tables.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
     assert readme_tables.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and text.startswith("# title\n\nintro") and text.endswith("after\n")
+    assert "\nold\n" not in text and text.startswith("# title\n\nintro") and text.endswith("after\n")
     assert "| scalify-fp16 |" in text
     assert readme_tables.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
 
