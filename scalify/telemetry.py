@@ -35,7 +35,7 @@ import numpy as np
 
 from scalify import _jax_compat
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
-from scalify.core.interpreter import materialise, observe
+from scalify.core.interpreter import observe
 
 
 @dataclasses.dataclass
@@ -79,7 +79,6 @@ class Capture:
     def _observer(self, eqn: Any, invals: Any, outvals: Any) -> None:
         where = _jax_compat.source_line(eqn)
         for out in outvals:
-            out = materialise(out)  # a scan's per-step-scaled output, as its consumers see it
             if isinstance(out, ScaledArray):
                 data, scale = out.data, out.scale
             elif hasattr(out, "dtype") and is_float_dtype(out.dtype) and not isinstance(out, np.ndarray):

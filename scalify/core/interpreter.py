@@ -195,19 +195,22 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
 
 
 def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
-    """A rule's output with a newly computed traced scale marked `computed_once` (an
-    input's scale passed through unchanged stays as it is)."""
-    if not isinstance(out, ScaledArray) or is_static(out.scale) or not get_config().scales_computed_once:
+    """A rule's output (a ScaledArray, or a `Deferred` with one scale) with a newly
+    computed traced scale marked `computed_once` (an input's scale passed through
+    unchanged stays as it is)."""
+    scale = out.scale if isinstance(out, (ScaledArray, Deferred)) else None
+    if scale is None or is_static(scale) or not get_config().scales_computed_once:
         return out
-    if any(isinstance(x, ScaledArray) and x.scale is out.scale for x in invals):
+    if any(getattr(x, "scale", None) is scale for x in invals if isinstance(x, (ScaledArray, Deferred))):
         return out
-    return ScaledArray(out.data, computed_once(out.scale))
+    if isinstance(out, Deferred):
+        return out.replace_scale(computed_once(scale))
+    return ScaledArray(out.data, computed_once(scale))
 
 
 def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
-    """Evaluate one jaxpr equation on ScaledArray / plain / static operands."""
-    if any(isinstance(x, Deferred) for x in invals) and not takes_deferred(eqn.primitive):
-        invals = [materialise(x) for x in invals]
+    """Evaluate one jaxpr equation on ScaledArray / plain / static operands (and
+    `Deferred` ones for a rule registered ``takes_deferred``)."""
     needs_rule = _needs_rule(eqn, invals)
     foldable = not needs_rule and _is_foldable(eqn, invals)
     if not needs_rule and not foldable:
@@ -257,7 +260,9 @@ _OBSERVERS: List[Callable[[Any, Sequence[Any], Sequence[Any]], None]] = []
 
 class observe:
     """Context manager: call ``observer(eqn, invals, outvals)`` after each equation that
-    scalify interprets (sub-jaxprs of control flow included) while tracing."""
+    scalify interprets (sub-jaxprs of control flow included) while tracing. Operands and
+    results are ScaledArrays or plain values: a `Deferred` one is materialised for the
+    observer (so that, while one observes, the traced program computes it)."""
 
     def __init__(self, observer: Callable[[Any, Sequence[Any], Sequence[Any]], None]):
         self.observer = observer
@@ -296,9 +301,13 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
         write(v, a)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, Deferred) for x in invals) and not takes_deferred(eqn.primitive):
+            invals = [materialise(x) for x in invals]
         outs = eval_equation(eqn, invals)
-        for obs in _OBSERVERS:
-            obs(eqn, invals, outs)
+        if _OBSERVERS:  # observers see ScaledArrays, as users do
+            seen_in, seen_out = [materialise(x) for x in invals], [materialise(o) for o in outs]
+            for obs in _OBSERVERS:
+                obs(eqn, seen_in, seen_out)
         for v, o in zip(eqn.outvars, outs):
             write(v, o)
     return [materialise(read(v)) for v in jaxpr.outvars]

@@ -5,7 +5,9 @@ operand is a `ScaledArray` or a plain array (at least one is a ScaledArray when 
 interpreter calls the rule); ``params`` are the jaxpr equation's parameters, which a rule
 should accept with ``**params`` and pass on when it re-binds the primitive, so that new
 JAX releases adding parameters do not break it. A rule returns a ScaledArray or a plain
-array (a list of them for multiple-result primitives).
+array (a list of them for multiple-result primitives), or a `Deferred` value that the
+interpreter materialises as a ScaledArray for every rule not registered
+``takes_deferred``.
 """
 from __future__ import annotations
 
@@ -80,13 +82,19 @@ class Deferred:
     """A rule's result kept in a form that some rules consume more cheaply than its
     `ScaledArray`: `materialise` gives the ScaledArray (computed once, then reused).
 
-    The one kind so far is a scan's stacked output whose scale varies per step (see
-    `scalify.rules.control_flow.scan`): as a ScaledArray its steps must be aligned to one
-    scale, a pass over the whole stack, while a later scan reading it step by step can
-    take each step at its own scale. The interpreter materialises a Deferred operand for
-    every rule not registered ``takes_deferred`` and at the end of every jaxpr."""
+    Two kinds exist. A scan's stacked output whose scale varies per step
+    (`scalify.rules.control_flow.PerStepScaled`): as a ScaledArray its steps must be
+    aligned to one scale, a pass over the whole stack, while a later scan reading it step
+    by step can take each step at its own scale. And a float32 contraction's result whose
+    division by ``pow2(sqrt(K))`` is still to do (`scalify.rules.linalg.Rescaled`): a
+    transpose moves the accumulator and keeps the division pending, so that XLA still
+    sees (and folds) ``transpose(dot_general)``. The interpreter materialises a Deferred
+    operand for every rule not registered ``takes_deferred`` and at the end of every
+    jaxpr."""
 
     _value: Any = None
+    # The value's one scale, when it has one (the interpreter marks it `computed_once`).
+    scale: Any = None
 
     def materialise(self) -> Any:
         if self._value is None:
@@ -94,6 +102,17 @@ class Deferred:
         return self._value
 
     def _materialise(self) -> Any:
+        raise NotImplementedError
+
+    def map_layout(self, fn: Callable[[Any], Any]) -> Optional["Deferred"]:
+        """The same deferred value with the data-movement function ``fn`` (a transpose,
+        a reshape: no arithmetic) applied to its data, or None when the pending work does
+        not commute with moving data."""
+        return None
+
+    def replace_scale(self, scale: Any) -> "Deferred":
+        """The same deferred value with another (equal) scale; only for kinds with one
+        `scale`."""
         raise NotImplementedError
 
 

@@ -205,7 +205,8 @@ def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, le
     """``lax.scan`` of the scalified body, carrying ``(data, scale)`` of scaled carries.
 
     Consts are closed over (static scales stay static in the body); a scaled ``xs`` is
-    sliced on its data while its scale, shared by all steps, is closed over. Scaled
+    sliced on its data while its scale, shared by all steps, is closed over (a
+    `PerStepScaled` ``xs`` has its scales sliced beside its data instead). Scaled
     ``ys`` keep a scale fixed at trace time, or come out as `PerStepScaled` (data and
     one scale per step) when their scale varies per step: another scan reads them as
     ``xs`` step by step at each step's own scale, and any other rule gets them aligned to

@@ -20,7 +20,7 @@ from jax import lax
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import as_jax, common_scale, in_scale, out_dtype
 from scalify.core.pow2 import is_static
-from scalify.core.registry import register_scaled_op
+from scalify.core.registry import Deferred, register_scaled_op
 
 # --- one operand, same scale --------------------------------------------------------
 
@@ -45,9 +45,17 @@ def broadcast_in_dim(x: ScaledArray, *rest: Any, **params: Any) -> ScaledArray:
     return _keep_scale(lax.broadcast_in_dim_p, x, rest, params)
 
 
-@register_scaled_op(lax.transpose_p)
-def transpose(x: ScaledArray, **params: Any) -> ScaledArray:
-    """Permute the data's axes, keep the scale."""
+@register_scaled_op(lax.transpose_p, takes_deferred=True)
+def transpose(x: Any, **params: Any) -> Any:
+    """Permute the data's axes, keep the scale. A `Deferred` operand whose pending work
+    commutes with moving data (a contraction's division by ``pow2(sqrt(K))``) stays
+    deferred, so that XLA sees ``transpose(dot_general)`` and folds the transpose into
+    the contraction (every weight gradient has this form)."""
+    if isinstance(x, Deferred):
+        moved = x.map_layout(lambda d: lax.transpose_p.bind(d, **params))
+        if moved is not None:
+            return moved
+        x = x.materialise()
     return _keep_scale(lax.transpose_p, x, (), params)
 
 

@@ -186,6 +186,48 @@ def test_float8_dot_with_float8_output_saturates():
     assert np.all(np.asarray(out.data, np.float32) == 448.0)  # saturated, not NaN
 
 
+def test_weight_gradient_transpose_stays_on_the_contraction():
+    # A float32 weight gradient reaches the jaxpr as transpose(dot_general): the division
+    # by pow2(sqrt(K)) waits until after the transpose, so XLA can fold the transpose
+    # into the contraction (no transposed copy, no pass over an operand).
+    dtype = np.float32
+    x, g, w = scaled(normal(32, 8), 2.0**-3, dtype), scaled(normal(32, 4), 2.0**5, dtype), scaled(normal(8, 4), 1.0, dtype)
+
+    def step(w, x, g):
+        gw = jax.vjp(lambda w: x @ w, w)[1](g)[0]  # dot_general then transpose
+        return w - 0.5 * gw, gw
+
+    want = oracle(step, w, x, g)
+    for fn in both(step):
+        new_w, gw = fn(w, x, g)
+        assert_pow2_scales([new_w, gw])
+        assert float(gw.scale) == 2.0**-3 * 2.0**5 * pow2_sqrt_down(32)
+        check(gw, np.asarray(want[1], np.float64), dtype)
+        check(new_w, np.asarray(want[0], np.float64), dtype)
+    eqns = jax.make_jaxpr(sfy.scalify(step))(w, x, g).jaxpr.eqns
+    made_by = {v: e.primitive.name for e in eqns for v in e.outvars}
+    (tr,) = [e for e in eqns if e.primitive.name == "transpose"]
+    assert made_by[tr.invars[0]] == "dot_general"
+    (dot,) = [e for e in eqns if tr.invars[0] in e.outvars]
+    assert not any(made_by.get(v) == "mul" for v in dot.invars)  # no operand divided either
+    # ... and a contraction that is the function's result is divided before it leaves.
+    out = jax.jit(sfy.scalify(lambda x, g: x.T @ g))(x, g)
+    assert isinstance(out, sfy.ScaledArray) and float(out.scale) == float(gw.scale)
+    check(out, data64(x).T @ data64(g) * float(x.scale) * float(g.scale), dtype)
+
+
+def test_observers_see_scaled_arrays():
+    seen = []
+
+    def observer(eqn, invals, outs):
+        seen.extend(type(v).__name__ for v in list(invals) + list(outs) if not isinstance(v, np.ndarray))
+
+    x, g = scaled(normal(32, 8), 1.0, np.float32), scaled(normal(32, 4), 1.0, np.float32)
+    with sfy.core.interpreter.observe(observer):
+        jax.make_jaxpr(sfy.scalify(lambda x, g: (x.T @ g).T))(x, g)
+    assert seen and set(seen) <= {"ScaledArray", "DynamicJaxprTracer"}, set(seen)
+
+
 def test_scaled_dot_general_helper():
     a = scaled(normal(2, 3, 16), 2.0**7, E4M3)
     b = scaled(normal(2, 16, 5), 2.0**-1, E5M2)
