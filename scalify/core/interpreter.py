@@ -15,15 +15,16 @@ The interpreter knows no primitive by name. For each equation it:
    eagerly through XLA;
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
 
-A rule may return a `Deferred` value (a scan's output whose scale varies per step) that
-only rules registered ``takes_deferred`` read as it is; the interpreter materialises it
-as a ScaledArray for any other rule and at the end of every jaxpr.
+A rule may return a `Deferred` value (a scan's output whose scale varies per step, a
+float32 contraction whose division is pending) that only rules registered
+``takes_deferred`` read as it is; the interpreter materialises it as a ScaledArray for
+any other rule, for observers and at the end of every jaxpr.
 """
 from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, Iterator, List, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +195,17 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
     return out
 
 
+def _scales_of(x: Any) -> Iterator[Any]:
+    """The scales an operand carries: a ScaledArray's; a `Deferred`'s own one and, once
+    materialised, its ScaledArray's."""
+    if isinstance(x, ScaledArray):
+        yield x.scale
+    elif isinstance(x, Deferred):
+        yield x.scale
+        if x.materialised is not None:
+            yield x.materialised.scale
+
+
 def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
     """A rule's output (a ScaledArray, or a `Deferred` with one scale) with a newly
     computed traced scale marked `computed_once` (an input's scale passed through
@@ -201,7 +213,7 @@ def _scale_computed_once(out: Any, invals: Sequence[Any]) -> Any:
     scale = out.scale if isinstance(out, (ScaledArray, Deferred)) else None
     if scale is None or is_static(scale) or not get_config().scales_computed_once:
         return out
-    if any(getattr(x, "scale", None) is scale for x in invals if isinstance(x, (ScaledArray, Deferred))):
+    if any(s is scale for x in invals for s in _scales_of(x)):
         return out
     if isinstance(out, Deferred):
         return out.replace_scale(computed_once(scale))

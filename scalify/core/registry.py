@@ -64,7 +64,8 @@ def register_scaled_op(
 
 
 def get_scaled_rule(prim: Primitive) -> Optional[Callable[..., Any]]:
-    """The registered rule of ``prim``, or None."""
+    """The registered rule of ``prim``, or None. Called directly, a rule may return a
+    `Deferred` value: its ``materialise()`` is the ScaledArray."""
     return _RULES.get(prim)
 
 
@@ -99,6 +100,11 @@ class Deferred:
     def materialise(self) -> Any:
         if self._value is None:
             self._value = self._materialise()
+        return self._value
+
+    @property
+    def materialised(self) -> Any:
+        """The ScaledArray if `materialise` ran already, else None."""
         return self._value
 
     def _materialise(self) -> Any:

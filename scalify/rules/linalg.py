@@ -6,6 +6,8 @@ data stay in their format, so the hardware's narrow matmul units do the work) wi
 float32 accumulation, divide the result by ``pow2(sqrt(K))`` in float32 and round once to
 the output dtype; the output scale is ``lhs.scale * rhs.scale * pow2(sqrt(K))``. Data
 therefore stays near unit variance (unit scaling), and every scale stays a power of two.
+Inside scalify, a float32 result's division is left to the next rule (`Rescaled`), so
+that a transpose in between stays foldable into the contraction.
 
 `scaled_dot_general` is the building block: the ``dot_general`` rule calls it, and so can
 a policy that first casts the operands' data to float8 (a real float8 ``dot_general``
@@ -143,7 +145,7 @@ def scaled_dot_general(
     *,
     _deferred: bool = False,
     **params: Any,
-) -> ScaledArray:
+) -> Any:
     """``lax.dot_general`` of ScaledArrays (or a ScaledArray and a plain array).
 
     Args:
@@ -196,13 +198,14 @@ def _with_defaults(params: dict, **defaults: Any) -> dict:
 @register_scaled_op(lax.dot_general_p)
 def dot_general(
     lhs: Any, rhs: Any, *, dimension_numbers: Any, preferred_element_type: Any = None, **params: Any
-) -> ScaledArray:
+) -> Any:
     """``dot_general``: see `scaled_dot_general` (data contracted in their own dtypes
     with float32 accumulation; ``pow2(sqrt(K))`` moved from data into scale, K the product
     of the contracted sizes; output scale ``sa * sb * pow2(sqrt(K))``). Batch dimensions,
-    several contracting dimensions and every other parameter are forwarded as given. A
-    float32 result is `Rescaled`: its division by ``pow2(sqrt(K))`` waits for the next
-    rule."""
+    several contracting dimensions and every other parameter are forwarded as given. When
+    operands and result are float32 (or float64) and K > 1, the result is `Rescaled`: its
+    division by ``pow2(sqrt(K))`` waits for the next rule (``.materialise()`` gives the
+    ScaledArray)."""
     return scaled_dot_general(
         lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type,
         _deferred=True, **params

@@ -8,6 +8,9 @@ operand in one common scale, the largest, so that no operand overflows the data 
 (a much smaller operand may lose low bits or underflow instead: the larger values
 dominate the result's precision anyway).
 
+``transpose`` also takes a `Deferred` operand: a float32 contraction's result whose
+division is still pending stays pending through it (see `scalify.rules.linalg.Rescaled`).
+
 ``iota`` creates integers and never meets a ScaledArray: it needs no rule.
 """
 from __future__ import annotations

@@ -144,6 +144,19 @@ def test_scan_per_step_scaled_ys_are_aligned_for_other_consumers():
     assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 4.0  # a scalify output
 
 
+def test_scan_per_step_scaled_ys_transposed_keep_one_scale():
+    # Materialised inside the transpose rule, the aligned ys keep their scale: adding
+    # them to the untransposed ys aligns nothing.
+    def f(c):
+        ys = lax.scan(lambda c, _: (c * 2.0, c), c, None, length=4)[1]
+        return jnp.transpose(ys, (0, 2, 1)) + ys
+
+    c = scaled(X[:3, :3], 2.0**-3, np.float16)
+    _both(f, c, dtype=np.float16)
+    names = [e.primitive.name for e in jax.make_jaxpr(sfy.scalify(f))(c).jaxpr.eqns]
+    assert "max" not in names and names.count("rem") == 0, names
+
+
 def test_scan_static_scale_at_entry_becomes_a_traced_carry():
     c = sfy.ScaledArray(jnp.asarray(X, jnp.float16), np.float32(2.0**-8))  # NumPy scale
 
