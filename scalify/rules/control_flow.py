@@ -213,10 +213,9 @@ def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, le
     the largest per-step scale (see the module docstring). In a training step this is
     what the backward scan does with the forward scan's residuals, which then need no
     alignment pass."""
-    operands = [x if isinstance(x, PerStepScaled) else interpreter.materialise(x) for x in operands]
     consts = [interpreter.materialise(x) for x in operands[:num_consts]]
     init = [interpreter.materialise(x) for x in operands[num_consts:num_consts + num_carry]]
-    xs = operands[num_consts + num_carry:]
+    xs = [x if isinstance(x, PerStepScaled) else interpreter.materialise(x) for x in operands[num_consts + num_carry:]]
     xs_data = [as_jax(x.data if isinstance(x, (ScaledArray, PerStepScaled)) else x) for x in xs]
     xs_scale = [x.scale if isinstance(x, ScaledArray) else None for x in xs]
     per_step = [i for i, x in enumerate(xs) if isinstance(x, PerStepScaled)]
