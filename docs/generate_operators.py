@@ -66,6 +66,12 @@ def _remark(rule) -> str:
     return sentence.replace("|", "\\|")
 
 
+def _range(rule) -> str:
+    """The rule's range guarantee, from its docstring: *guarded* rules measure their
+    result's max-abs for float16/float8 data (`scalify.core.operands.fit_to_format`)."""
+    return "guarded" if "range-guarded" in (rule.__doc__ or "").lower() else "static"
+
+
 def render() -> str:
     rules = registered_primitives()
     prims = _primitives()
@@ -75,9 +81,9 @@ def render() -> str:
             never.append(f"`{name}` ({NOT_FLOAT[name]})")
             continue
         if prim in rules:
-            rows.append(f"| `{name}` | yes | {_remark(rules[prim])} |")
+            rows.append(f"| `{name}` | yes | {_range(rules[prim])} | {_remark(rules[prim])} |")
         else:
-            unsupported.append(f"| `{name}` | no | {REASONS.get(name, 'not yet')} |")
+            unsupported.append(f"| `{name}` | no | - | {REASONS.get(name, 'not yet')} |")
     relevant = len(rows) + len(unsupported)
     extra = sorted(p.name for p in rules if p.name not in prims)
     lines = [
@@ -91,8 +97,17 @@ def render() -> str:
         " raises `scalify.UnsupportedPrimitiveError` naming it and the source line when it meets a"
         " ScaledArray; plain arrays always pass through unchanged.",
         "",
-        "| primitive | scaled rule | remark |",
-        "| --- | --- | --- |",
+        "**Range.** *guarded*: the rule's static scale estimate can be off by more than a"
+        " narrow format's range (products, powers, quotients, unbounded functions,"
+        " contractions), so for float16 and float8 data the result's max-abs is measured"
+        " and, outside a safe band, moved into the scale: the data is finite wherever the"
+        " float32 value is finite and inside the scale range (`ScalifyConfig(range_guard=False)`"
+        " turns it off). *static*: the data is bounded by the operands' data (data movement,"
+        " selection, sums of two terms, bounded functions) or the scale is measured anyway"
+        " (sums over 16 or more elements); the rule's docstring says which.",
+        "",
+        "| primitive | scaled rule | range | remark |",
+        "| --- | --- | --- | --- |",
         *rows,
         *unsupported,
         "",

@@ -44,10 +44,15 @@ def assert_close(out: Any, expected: Any, dtype: Any = np.float32, atol: float =
 
 
 def assert_pow2_scales(tree: Any) -> None:
-    """Every ScaledArray in ``tree`` has an exact power-of-two scale."""
+    """Every ScaledArray in ``tree`` has an exact power-of-two scale, or scale 0 with
+    all-zero data (the zero tensor)."""
     for leaf in jax.tree.leaves(tree, is_leaf=sfy.core.is_scaled_leaf):
         if isinstance(leaf, sfy.ScaledArray):
-            assert bool(is_pow2(np.asarray(leaf.scale))), f"scale {leaf.scale} is not a power of two"
+            s = np.asarray(leaf.scale)
+            if s == 0:
+                assert np.all(np.asarray(leaf.data, np.float32) == 0), "scale 0 on non-zero data"
+                continue
+            assert bool(is_pow2(s)), f"scale {leaf.scale} is not a power of two"
 
 
 def assert_finite(tree: Any) -> None:

@@ -53,11 +53,19 @@ class ScalifyConfig:
         unrolled models drops several-fold (a two-block Flax NNX transformer step: 4x),
         at the cost of a few microseconds per scale per step at run time (measured on
         CPU: +3-4% step time on a small scan transformer). False trades back.
+      range_guard: keep the data of every rule whose static scale estimate can be wrong
+        by more than the format's range (products, powers, quotients, ``exp`` and other
+        unbounded functions, contractions) inside a narrow data format (float16,
+        float8): the result's max-abs is measured and, when it leaves a safe band, the
+        scale takes the excess (`scalify.core.operands.fit_to_format`). True by
+        default; False keeps the static unit-scaling estimates only (data can then
+        overflow where float32 would not).
     """
 
     rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
     scale_dtype: Any = np.float32
     scales_computed_once: bool = True
+    range_guard: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounding_mode, Pow2RoundMode):
@@ -68,6 +76,8 @@ class ScalifyConfig:
         if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
             raise TypeError(f"ScalifyConfig.scale_dtype must be a float dtype, got {dtype}.")
         object.__setattr__(self, "scale_dtype", dtype)
+        if not isinstance(self.range_guard, bool):
+            raise TypeError(f"ScalifyConfig.range_guard must be a bool, got {self.range_guard!r}.")
         if not isinstance(self.scales_computed_once, bool):
             raise TypeError(
                 f"ScalifyConfig.scales_computed_once must be a bool, got {self.scales_computed_once!r}."

@@ -37,6 +37,9 @@ class ScaledArray:
     Args:
       data: a floating array (any float dtype, float8 included).
       scale: a floating scalar, normally a power of two. Python numbers become float32.
+        Scale 0 is the all-zero tensor (its value is 0 whatever the data): it carries no
+        magnitude, so it never sets the scale of what it is combined with (``add(zeros,
+        x)`` is ``x`` at ``x``'s scale). Negative, infinite and NaN scales are refused.
 
     A ScaledArray is a JAX pytree with children ``(data, scale)``: it passes through
     `jax.jit`, `jax.tree` functions, `eval_shape` and sharding like a pair of arrays.
@@ -64,8 +67,8 @@ class ScaledArray:
             raise TypeError(
                 f"ScaledArray scale must be a scalar, got shape {np.shape(scale)}."
             )
-        if is_static(scale) and not (np.isfinite(scale) and scale > 0):
-            raise ValueError(f"ScaledArray scale must be positive and finite, got {scale}.")
+        if is_static(scale) and not (np.isfinite(scale) and scale >= 0):
+            raise ValueError(f"ScaledArray scale must be finite and >= 0, got {scale}.")
         self.data = data
         self.scale = scale
 
@@ -143,27 +146,42 @@ def is_scaled_leaf(x: Any) -> bool:
 def _check_concrete_scale(scale: Any) -> None:
     if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
         s = np.asarray(scale)
-        if not (np.isfinite(s) and s > 0):
-            raise ValueError(f"ScaledArray scale must be positive and finite, got {s}.")
+        if not (np.isfinite(s) and s >= 0):
+            raise ValueError(f"ScaledArray scale must be finite and >= 0, got {s}.")
 
 
-def scaled_array(values: Any, scale: Any, dtype: Any = None) -> ScaledArray:
-    """``ScaledArray(data=values, scale=scale)``: ``values`` is the *data*, not divided.
+def scaled_array(data: Any, scale: Any, dtype: Any = None, npapi: Any = None) -> ScaledArray:
+    """``ScaledArray(data, scale)`` from array-likes: ``data`` is the data, not divided.
 
     Args:
-      values: array-like data (lists and NumPy arrays become JAX arrays).
-      scale: positive scalar; Python/NumPy numbers become float32.
+      data: array-like data (lists and NumPy arrays become arrays).
+      scale: a scalar >= 0 (0: the all-zero tensor); Python numbers become float32.
       dtype: optional dtype for the data.
+      npapi: the array module building data and scale: ``jax.numpy`` (the default) or
+        ``numpy``, whose arrays stay NumPy (static, folded at trace time inside
+        `scalify`). The same signature as jax-scalify's ``scaled_array``.
     """
-    data = jnp.asarray(values, dtype=dtype)
-    scale = jnp.asarray(scale, dtype=np.float32) if not hasattr(scale, "dtype") else jnp.asarray(scale)
+    npapi = jnp if npapi is None else npapi
+    if npapi not in (jnp, np):
+        raise TypeError(f"scaled_array: npapi must be jax.numpy or numpy, got {npapi!r}.")
+    data = npapi.asarray(data, dtype=dtype)
+    if hasattr(scale, "dtype") and is_float_dtype(scale.dtype):
+        scale = npapi.asarray(scale)
+    else:
+        scale = npapi.asarray(scale, dtype=np.float32)
+    if npapi is np:
+        scale = scale.astype(np.float32) if scale.dtype.itemsize < 4 else scale
+        if np.shape(scale) != () or not (np.isfinite(scale) and scale >= 0):
+            raise ValueError(f"ScaledArray scale must be a finite scalar >= 0, got {scale}.")
     _check_concrete_scale(scale)
     return ScaledArray(data, scale)
 
 
 def unit_scale(x: Any) -> jax.Array:
-    """The power of two nearest below the root-mean-square of ``x`` (1 when ``x`` is all
-    zeros or not finite): the scale that leaves ``x / scale`` near unit variance."""
+    """The power of two nearest below the root-mean-square of ``x``: the scale that
+    leaves ``x / scale`` near unit variance. 0 when ``x`` is all zeros (the zero tensor
+    carries no magnitude), 1 when it is empty, not finite, or its RMS is below the
+    smallest normal float32 number."""
     from scalify.core.pow2 import pow2_round_down
 
     x32 = jnp.asarray(x).astype(compute_dtype(jnp.asarray(x).dtype))
@@ -177,7 +195,9 @@ def unit_scale(x: Any) -> jax.Array:
         rms = jnp.float32(0)
     rms = rms.astype(np.float32)
     ok = (rms > np.finfo(np.float32).tiny) & jnp.isfinite(rms)
-    return jax.lax.stop_gradient(jnp.where(ok, pow2_round_down(jnp.where(ok, rms, 1.0)), 1.0))
+    zero = jnp.all(x32 == 0) if x32.size else False
+    out = jnp.where(ok, pow2_round_down(jnp.where(ok, rms, 1.0)), jnp.where(zero, 0.0, 1.0))
+    return jax.lax.stop_gradient(out.astype(np.float32))
 
 
 def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
@@ -186,7 +206,8 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
     ``data = x / scale``. With ``scale=None`` (the default) each leaf gets its own
     `unit_scale` (the power of two below its RMS), so data starts near unit variance:
     that is what keeps data in range through deep networks, whose weights are initialised
-    with a standard deviation of ``1/sqrt(fan_in)``. Pass ``scale=1.0`` for data equal
+    with a standard deviation of ``1/sqrt(fan_in)``; an all-zero leaf (a zero bias) gets
+    scale 0. Pass ``scale=1.0`` for data equal
     to ``x``. ``dtype`` casts the data after dividing (so tiny float32 values survive a
     cast to float16). Integer and boolean leaves, and existing ScaledArrays, are returned
     unchanged.
@@ -196,6 +217,9 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
         if np.shape(scale) != ():
             raise TypeError(f"as_scaled_array: scale must be a scalar, got shape {np.shape(scale)}.")
         _check_concrete_scale(scale)
+        if not isinstance(scale, jax.core.Tracer) and float(scale) == 0:
+            raise ValueError("as_scaled_array: scale=0 would drop the values (data = x / 0); "
+                             "leave scale=None: all-zero leaves get scale 0 by themselves.")
     if dtype is not None and not is_float_dtype(dtype):
         raise TypeError(f"as_scaled_array: dtype must be a float dtype, got {dtype}.")
 
@@ -206,7 +230,9 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
             x = jnp.asarray(x)
             out_dtype = x.dtype if dtype is None else np.dtype(dtype)
             s = unit_scale(x) if scale is None else scale
-            data = (x.astype(compute_dtype(x.dtype)) / s).astype(out_dtype)
+            # s == 0 only for an all-zero leaf: its data stays 0 (no 0 / 0).
+            divisor = s if scale is not None else jnp.where(s == 0, np.float32(1), s)
+            data = (x.astype(compute_dtype(x.dtype)) / divisor).astype(out_dtype)
             return ScaledArray(data, s)
         return x
 

@@ -349,18 +349,31 @@ def _is_array_leaf(x: Any) -> bool:
     return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic))
 
 
-def _check_scaled_leaf(x: ScaledArray) -> None:
+def _check_scaled_leaf(x: ScaledArray) -> ScaledArray:
+    """``x`` validated; a one-element scale of another shape is reshaped to a scalar.
+
+    Why the reshape: optax's ``init`` maps over a ScaledArray's children like any pytree,
+    so a factored state (Adafactor's row/column statistics) of a scalar child has shape
+    ``(1,)``: ``ScaledArray(zeros, zeros((1,)))``, a zero tensor whose scale only has a
+    spurious axis."""
     s = x.scale
-    if np.shape(s) != () or not hasattr(s, "dtype"):
-        raise TypeError(f"scalify: ScaledArray scale must be a scalar array, got {s!r}.")
+    if not hasattr(s, "dtype") or not is_float_dtype(s.dtype):
+        raise TypeError(f"scalify: ScaledArray scale must be a floating scalar array, got {s!r}.")
+    if np.shape(s) != ():
+        if int(np.prod(np.shape(s), dtype=np.int64)) != 1:
+            raise TypeError(
+                f"scalify: ScaledArray scale must be a scalar array, got shape {np.shape(s)}."
+            )
+        s = s.reshape(())
     if not hasattr(x.data, "dtype") or not jnp.issubdtype(x.data.dtype, jnp.floating):
         raise TypeError(f"scalify: ScaledArray data must be a floating array, got {x.data!r}.")
     if isinstance(s, (np.ndarray, np.generic)) or (
         isinstance(s, jax.Array) and not _jax_compat.is_tracer(s)
     ):
         v = np.asarray(s)
-        if not (np.isfinite(v) and v > 0):
-            raise ValueError(f"scalify: ScaledArray scale must be positive and finite, got {v}.")
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"scalify: ScaledArray scale must be finite and >= 0, got {v}.")
+    return x if s is x.scale else ScaledArray(x.data, s)
 
 
 def _finalise(x: Any) -> Any:
@@ -385,9 +398,7 @@ def scalify(fun: Callable) -> Callable:
     @functools.wraps(fun)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_scaled_leaf)
-        for leaf in leaves:
-            if isinstance(leaf, ScaledArray):
-                _check_scaled_leaf(leaf)
+        leaves = [_check_scaled_leaf(x) if isinstance(x, ScaledArray) else x for x in leaves]
         # Array leaves are traced; other leaves (numbers, functions, module config of
         # Equinox models...) are static, closed over like `eqx.filter_jit` does.
         is_dynamic = [_is_array_leaf(x) for x in leaves]

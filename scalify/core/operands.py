@@ -8,6 +8,15 @@ such as ``zeros_like`` or a ``-inf`` mask fill) whose value is the same everywhe
 - a *scale-free* constant (0, +-inf, NaN) has the same value in every scale, so it
   takes no part in choosing a common scale and adopts whatever scale it is aligned to.
 
+A *traced plain scalar* (a learning rate from a schedule, a norm computed by the user)
+is read at its own power-of-two magnitude ``pow2(|c|)`` (0 for 0), measured with three
+scalar bit operations, so that multiplying by it moves its magnitude into the scale
+instead of leaving data ``c`` times off unit size.
+
+**Zeros.** A scale of 0 is the all-zero tensor: it carries no magnitude, so the largest
+(or hypotenuse) scale of operands ignores it, products with it are 0 at scale 0, and
+ratios to a zero target scale are 0, never ``0 / 0``.
+
 Scale arithmetic stays in NumPy when every scale is static, so it folds at trace time.
 Operands aligned to a common scale are aligned to a power of two known as such at trace
 time (`aligned_scale`), so the ratios of scales are multiplications by exact reciprocals,
@@ -16,6 +25,7 @@ never divisions (see `ratio_of` for why that matters to XLA).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import jax
@@ -106,9 +116,12 @@ scale_max = _scale_binary(np.maximum, jax.lax.max)
 
 
 def scale_of(x: Any) -> Any:
-    """The scale an operand is read with (None for scale-free constants)."""
+    """The scale an operand is read with (None for scale-free constants); a traced plain
+    float scalar is read at its power of two (`scalar_scale`)."""
     if isinstance(x, ScaledArray):
         return x.scale
+    if not is_static(x) and np.shape(x) == () and is_float_dtype(x.dtype):
+        return scalar_scale(x)
     c = static_uniform_value(x)
     if c is not None:
         if is_scale_free(x):
@@ -120,6 +133,19 @@ def scale_of(x: Any) -> Any:
         m = finite.max() if finite.size else 0
         return pow2_round_down(np.asarray(m, scale_dtype())) if m > 0 else one()
     return one()
+
+
+def scalar_scale(x: Any) -> Any:
+    """``pow2_floor(|x|)`` of a traced float scalar, in the scale dtype: 0 for 0 (and
+    subnormals), 1 for inf/NaN (kept visible in the data). Registered as a power of two,
+    so aligning to it multiplies by an exact reciprocal. No gradient (as every scale)."""
+    from scalify.core.pow2 import pow2_floor
+
+    a = cast(jax.lax.abs(jax.lax.stop_gradient(x)), scale_dtype())
+    f = pow2_floor(a)
+    s = jax.lax.select(jax.lax.is_finite(a), f, np.ones((), f.dtype))
+    _register_pow2(s, pow2_reciprocal(s))
+    return s
 
 
 def promote(x: Any) -> ScaledArray:
@@ -170,8 +196,18 @@ def ratio_of(a: Any, b: Any) -> Any:
     """
     if a is b:
         return one()
+    if is_static(b) and np.all(np.asarray(b) == 0):
+        # A zero target scale (operands all zero): the ratio of a zero operand is 0, not
+        # 0 / 0; a non-zero one (never aligned to 0 by the rules) becomes huge, not 0.
+        b = np.asarray(np.finfo(np.asarray(b).dtype).tiny, np.asarray(b).dtype)
     inv = None if is_static(b) else exact_reciprocal(b)
-    return scale_div(a, b) if inv is None else scale_mul(a, inv)
+    if inv is not None:
+        return scale_mul(a, inv)
+    if not is_static(b):
+        # A zero target scale (operands that are all zero): 0 / 0 would make the data
+        # NaN. Dividing by the smallest normal instead gives 0 for a zero ``a``.
+        b = jax.lax.max(b, np.asarray(np.finfo(b.dtype).tiny, b.dtype))
+    return scale_div(a, b)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,15 +361,25 @@ def common_scale(*xs: Any) -> Any:
     more distinct traced scales give `aligned_scale` of their maximum.
     """
     scales = []
+    infinite_constant = False
     for x in xs:
         sx = scale_of(x)
+        if sx is None and is_static(x):
+            c = static_uniform_value(x)
+            infinite_constant |= c is not None and not np.isfinite(c)
         if sx is not None and is_static(x):
             sx = sx * _headroom(np.asarray(x).dtype)
         if sx is not None:
             scales.append(sx)
     if not scales:
         return one()
-    return _aligned_largest(_largest(scales), scales)
+    s = _aligned_largest(_largest(scales), scales)
+    if infinite_constant and not is_static(s):
+        # All traced operands zero (scale 0) beside a -inf mask fill: the result must
+        # not hold -inf at scale 0 (whose value, -inf * 0, is NaN).
+        lo = np.asarray(np.finfo(s.dtype).tiny, s.dtype)
+        s = mark_pow2(jax.lax.max(s, lo))
+    return s
 
 
 def _largest(scales: Sequence[Any]) -> Any:
@@ -376,7 +422,10 @@ def hypot_scale(*scales: Any) -> Any:
         return _aligned_largest(m, scales)
     if mod is jnp and mode == Pow2RoundMode.UP and len(scales) <= 4:
         return mark_pow2(scale_mul(aligned_scale(m), 2))
-    total = sum((s / m) ** 2 for s in scales)
+    if mod is np and m == 0:
+        return m  # every operand all-zero
+    m_safe = m if mod is np else jax.lax.max(m, np.asarray(np.finfo(m.dtype).tiny, m.dtype))
+    total = sum((s / m_safe) ** 2 for s in scales)
     return aligned_scale(pow2_round(m * mod.sqrt(total)))
 
 
@@ -423,6 +472,8 @@ def _is_one(s: Any) -> bool:
 def _static_clamped(p: float, dtype: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """A static scale value ``p`` (exact, float64) as (scale clamped to range, residual)."""
     lo, hi, _, _ = scale_bounds(dtype)
+    if p == 0:  # a zero factor (float64 products of normal float32 scales never underflow)
+        return np.zeros((), dtype), None
     s = min(max(p, lo), hi)
     with np.errstate(over="ignore", under="ignore"):
         r = None if s == p else np.asarray(p / s, np.float32)
@@ -473,8 +524,11 @@ def _clamped_product(a: Any, b: Any) -> Tuple[Any, Any]:
     small, big = jax.lax.min(a, b), jax.lax.max(a, b)
     over = jax.lax.mul(shift(big, -int(np.log2(hi))), small)
     under = jax.lax.mul(shift(small, -int(np.log2(lo))), big)
-    r = jax.lax.select(jax.lax.gt(p, s), over, jax.lax.select(jax.lax.lt(p, s), under, np.ones((), dtype)))
-    return s, r
+    one_ = np.ones((), dtype)
+    r = jax.lax.select(jax.lax.gt(p, s), over, jax.lax.select(jax.lax.lt(p, s), under, one_))
+    # A zero factor (an all-zero operand): the product is the zero tensor, scale 0.
+    zero = jax.lax.eq(small, np.zeros((), dtype))
+    return jax.lax.select(zero, small, s), jax.lax.select(zero, one_, r)
 
 
 # Scalar scales (all of them, in practice): one `jit` equation per product, whose body
@@ -490,7 +544,8 @@ def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
         return a, None
     dtype = scales_dtype(a, b)
     if is_static(a) and is_static(b):
-        return _static_clamped(float(a) / float(b), dtype)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _static_clamped(float(np.float64(a) / np.float64(b)), dtype)
     inv = exact_reciprocal(b)
     if inv is not None:
         return scale_product(a, cast(inv, dtype))
@@ -498,5 +553,85 @@ def scale_quotient(a: Any, b: Any) -> Tuple[Any, Optional[Any]]:
     a, b = cast(a, dtype), cast(b, dtype)
     p = jax.lax.div(a, b)
     s = clip_scale(p, lo, hi)
-    r = jax.lax.select(jax.lax.eq(p, s), np.ones((), dtype), jax.lax.div(jax.lax.div(a, s), b))
-    return s, r
+    one_ = np.ones((), dtype)
+    r = jax.lax.select(jax.lax.eq(p, s), one_, jax.lax.div(jax.lax.div(a, s), b))
+    zero = jax.lax.eq(a, np.zeros((), dtype))  # an all-zero dividend: scale 0
+    return jax.lax.select(zero, a, s), jax.lax.select(zero, one_, r)
+
+
+# --------------------------------------------------------------------------------------
+# Range guard: data that a static scale estimate let leave a narrow format.
+# --------------------------------------------------------------------------------------
+
+
+def is_narrow(dtype: Any) -> bool:
+    """True for float formats whose exponent range is narrower than float32's (float16,
+    the float8 formats): there a static scale estimate that is off by the format's range
+    overflows (or flushes) data whose value float32 holds. bfloat16 shares float32's
+    exponent range, and rules compute in float32, so its data overflows only where the
+    float32 computation itself would."""
+    dtype = np.dtype(dtype)
+    return is_float_dtype(dtype) and dtype.itemsize < 4 and int(jnp.finfo(dtype).maxexp) < 128
+
+
+def guard_band(dtype: Any) -> Tuple[float, float, int]:
+    """``(lo, hi, t)`` of the guard of ``dtype``: data whose max-abs lies in ``[lo, hi]``
+    keeps its static scale; other data is rescaled to a max-abs in ``[2**t, 2**(t+1))``.
+
+    ``hi`` is 16x below the format's largest power of two (float16: 2**11), so that the
+    bounded growth of the rules that are not guarded (a sum doubles at most, a constant
+    factor is below 2) never reaches the top; ``lo = 2**-4`` keeps unit-variance data
+    (max-abs 2-5) untouched while data drifting towards the subnormals is lifted; the
+    target ``2**t`` (float16: 8) is the max-abs of unit-variance data."""
+    dtype = np.dtype(dtype)
+    top = int(jnp.finfo(dtype).maxexp) - 1  # exponent of the largest power of two
+    t = min(3, top - 5)
+    return 2.0**-4, 2.0 ** (top - 4), t
+
+
+def fit_to_format(data: Any, scale: Any, dtype: Any) -> ScaledArray:
+    """``ScaledArray(data cast to dtype, scale)``, range-guarded for narrow formats.
+
+    ``data`` is a rule's result in the compute dtype (float32) at the rule's static
+    ``scale``. For a narrow ``dtype`` (`is_narrow`) with `ScalifyConfig.range_guard`
+    on, the max-abs ``a`` of ``data`` is measured (one reduction, no gradient): inside
+    the band ``[lo, hi]`` of `guard_band` nothing changes; outside it the power of two
+    ``m = pow2_floor(a) / 2**t`` moves from the data into the scale (exact), so the data
+    is finite whenever its float32 value is and inside the scale range. An all-zero
+    result gets scale 0 (the zero tensor); inf/NaN data keep the static scale (they stay
+    visible). Wide formats (bfloat16, float32) are cast as they are.
+    """
+    dtype = np.dtype(dtype)
+    if not (is_narrow(dtype) and get_config().range_guard) or np.ndim(data) == 0 and is_static(data):
+        return ScaledArray(saturating_cast(as_jax(data), dtype), scale)
+    data = as_jax(data)
+    cd = compute_dtype(dtype)
+    data = cast(data, cd)
+    lo, hi, t = guard_band(dtype)
+    a = jax.lax.stop_gradient(jax.lax.reduce_max(jax.lax.abs(data), tuple(range(data.ndim))))
+    a = cast(a, np.float32)
+    m, inv = _guard_factor(a, np.float32(lo), np.float32(hi), t)
+    if not is_static(scale):
+        m = cast(m, scale.dtype)
+    s, r = scale_product(scale, m)
+    out = jax.lax.mul(data, cast(inv, cd))
+    return ScaledArray(saturating_cast(times_residual(out, r), dtype), s)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _guard_factor(a: Any, lo: Any, hi: Any, t: int) -> Tuple[Any, Any]:
+    """``(m, 1/m)``: the power of two the guard moves from data to scale for a max-abs
+    ``a`` (1 inside ``[lo, hi]`` or for inf/NaN; 0 for ``a == 0``, with ``1/m = 1``).
+    One `jit` equation traced once, from exponent bits (exact, no division)."""
+    from scalify.core.pow2 import exp2_int, exponent
+
+    lax = jax.lax
+    one_ = np.float32(1)
+    k = lax.sub(exponent(a), np.int32(t))
+    k = lax.clamp(np.int32(-125), k, np.int32(125))
+    keep = lax.bitwise_or(lax.bitwise_and(lax.ge(a, lo), lax.le(a, hi)), lax.ne(a, a))
+    keep = lax.bitwise_or(keep, lax.eq(a, np.float32(np.inf)))
+    m = lax.select(keep, one_, exp2_int(k, np.float32))
+    inv = lax.select(keep, one_, exp2_int(lax.neg(k), np.float32))
+    zero = lax.eq(a, np.float32(0))
+    return lax.select(zero, np.float32(0), m), lax.select(zero, one_, inv)

@@ -20,8 +20,12 @@ output dtype. Scales are chosen per family:
   from the input scale alone, with no reduction added to the hot path: 1 for functions
   whose outputs are O(1) or grow without bound for O(1) inputs (exp, cos, logistic, ...),
   ``min(s, 1)`` for functions behaving like the identity near 0 (tanh, sin, erf, expm1,
-  ...), so that tiny inputs keep their precision. Outputs that exceed the data format
-  at scale 1 (``exp(12)`` in float16) overflow as a plain float16 computation would.
+  ...), so that tiny inputs keep their precision.
+- **Range guard.** Where the static scale can be off by more than a narrow data format's
+  range (a product of two tensors, ``x**3``, a quotient, ``exp`` and other unbounded
+  functions), the result is range-guarded for float16 and float8 data
+  (`scalify.core.operands.fit_to_format`): its max-abs is measured and, outside a safe
+  band, moved into the scale, so the data is finite wherever the float32 value is.
 
 Static operands (NumPy values known at trace time) contribute their power-of-two part as
 a static scale, so ``x * 3.0`` multiplies the scale by 2 and the data by 1.5, and
@@ -46,6 +50,7 @@ from scalify.core.operands import (
     cast,
     common_scale,
     compute_dtype,
+    fit_to_format,
     hypot_scale,
     in_scale,
     one,
@@ -178,27 +183,47 @@ def sub(x: Any, y: Any, **params: Any) -> ScaledArray:
     return ScaledArray(cast(lax.sub(in_scale(x, s), in_scale(y, s)), out_dtype(x, y)), s)
 
 
+def _bounded_factor(x: Any) -> bool:
+    """An operand whose data lies in ``[1, 2)`` in magnitude: a static constant or a
+    traced plain scalar, read at its own power of two (`scale_of`). Multiplying by it
+    at most doubles the other operand's data, so the product needs no range guard."""
+    return is_static(x) or (not isinstance(x, ScaledArray) and np.shape(x) == ())
+
+
 @register_scaled_op(lax.mul_p)
 def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``x * y`` at scale ``sx * sy``: the product of unit-variance data has unit
     variance. A static constant ``c`` contributes ``pow2(|c|)`` to the scale and
     ``c / pow2(|c|)`` to the data; a scale-free one (0, inf, NaN) multiplies the data
-    as it is (``x * 0`` is 0, ``inf * 0`` is NaN, like float32). A scale product outside
-    the float32 normal range is clamped and the excess goes into the data."""
+    as it is (``x * 0`` is 0, ``inf * 0`` is NaN, like float32). A traced scalar (a
+    learning rate) is read at its own power of two likewise. A scale product outside
+    the float32 normal range is clamped and the excess goes into the data.
+
+    Range: the product of two tensors' data is unbounded under ``sx * sy`` (``x * x``
+    of data with max-abs 300 overflows float16), so it is range-guarded
+    (`fit_to_format`: finite data whenever the float32 value is finite and inside the
+    scale range). A product with a constant or scalar is bounded (data grows < 2x) and
+    is not measured. An all-zero operand (scale 0) gives the zero tensor, scale 0."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_product(sx, sy)
     data = times_residual(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
     dtype = params.get("out_dtype") or out_dtype(x, y)
-    return ScaledArray(cast(data, dtype), s)
+    if _bounded_factor(x) or _bounded_factor(y):
+        return ScaledArray(cast(data, dtype), s)
+    return fit_to_format(data, s, dtype)
 
 
 @register_scaled_op(lax.div_p)
 def div(x: Any, y: Any, **params: Any) -> ScaledArray:
-    """``x / y`` at scale ``sx / sy`` (static constants and clamping as in `mul`)."""
+    """``x / y`` at scale ``sx / sy`` (static constants, scalars and clamping as in
+    `mul`). Range: dividing by tensor data near 0 is unbounded, so the quotient is
+    range-guarded (`fit_to_format`) unless the divisor is a constant or a scalar."""
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_quotient(sx, sy)
     data = times_residual(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
-    return ScaledArray(cast(data, out_dtype(x, y)), s)
+    if _bounded_factor(y):
+        return ScaledArray(cast(data, out_dtype(x, y)), s)
+    return fit_to_format(data, s, out_dtype(x, y))
 
 
 @register_scaled_op(lax.neg_p)
@@ -309,6 +334,10 @@ def _aligned_low(*xs: Any) -> list:
     scales = [s for s in (scale_of(x) for x in xs) if s is not None]
     s = one()
     if scales:
+        # The smallest *non-zero* scale: a zero scale is the all-zero tensor, whose data
+        # aligns to any scale as 0 (aligning to 0 would divide by it).
+        _, hi, _, _ = scale_bounds(scales_dtype(*scales))
+        scales = [_nonzero_or(t, hi) for t in scales]
         s = scales[0]
         for t in scales[1:]:
             s = _min_scale(s, t)
@@ -322,6 +351,13 @@ def _aligned_low(*xs: Any) -> list:
         else:
             out.append(as_jax(in_scale(x, s)))
     return out
+
+
+def _nonzero_or(s: Any, big: float) -> Any:
+    """``s``, or ``big`` where ``s`` is 0 (the scale of an all-zero tensor)."""
+    if is_static(s):
+        return s if np.asarray(s) != 0 else np.asarray(big, np.asarray(s).dtype)
+    return lax.select(lax.eq(s, np.zeros((), s.dtype)), np.asarray(big, s.dtype), s)
 
 
 def _comparison(prim: Primitive) -> Callable[..., Any]:
@@ -383,12 +419,14 @@ def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
 
 @register_scaled_op(lax.rsqrt_p)
 def rsqrt(x: ScaledArray, **params: Any) -> ScaledArray:
-    """``1 / sqrt(x)`` at scale ``p = pow2(1 / sqrt(s))``, data ``rsqrt(d * s * p**2)``."""
+    """``1 / sqrt(x)`` at scale ``p = pow2(1 / sqrt(s))``, data ``rsqrt(d * s * p**2)``.
+    Range-guarded (`fit_to_format`): data near 0 (a variance far below its scale) has
+    an unbounded reciprocal square root."""
     s = x.scale
     p = pow2_rsqrt_down(s) if _traced_down(s) else pow2_round(1 / xnp(s).sqrt(s))
     ratio = (s * p) * p
     data = lax.rsqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
-    return ScaledArray(data.astype(x.dtype), p)
+    return fit_to_format(data, p, x.dtype)
 
 
 @register_scaled_op(lax.cbrt_p)
@@ -404,20 +442,25 @@ def cbrt(x: ScaledArray, **params: Any) -> ScaledArray:
 @register_scaled_op(lax.square_p)
 def square(x: ScaledArray, **params: Any) -> ScaledArray:
     """``x**2`` at scale ``s**2`` (clamped to the float32 normal range, the excess into
-    the data), data ``d**2``: exact for power-of-two scales."""
+    the data), data ``d**2``: exact for power-of-two scales. Range-guarded
+    (`fit_to_format`): the square of data with max-abs above 256 overflows float16."""
     s, r = _scale_pow(x.scale, 2.0)
     d = _data(x)
-    return ScaledArray(times_residual(lax.square_p.bind(d, **params), r).astype(x.dtype), s)
+    return fit_to_format(times_residual(lax.square_p.bind(d, **params), r), s, x.dtype)
 
 
 @register_scaled_op(lax.integer_pow_p)
 def integer_pow(x: ScaledArray, *, y: int, **params: Any) -> ScaledArray:
     """``x**y`` at scale ``s**y`` (clamped to the float32 normal range, the excess into
     the data), data ``d**y``: exact for power-of-two scales, so ``x**3`` of 1e-30 gives
-    float32's 0 and of 1e30 gives inf, but no NaN or zero scale downstream."""
+    float32's 0 and of 1e30 gives inf, but no NaN or zero scale downstream.
+    Range-guarded (`fit_to_format`) for ``y`` other than 0 and 1: ``x**3`` (in GELU's
+    tanh approximation) of data with max-abs 40 overflows float16."""
     s, r = _scale_pow(x.scale, float(y))
-    d = _data(x)
-    return ScaledArray(times_residual(lax.integer_pow_p.bind(d, y=y, **params), r).astype(x.dtype), s)
+    data = times_residual(lax.integer_pow_p.bind(_data(x), y=y, **params), r)
+    if y in (0, 1):
+        return ScaledArray(data.astype(x.dtype), s)
+    return fit_to_format(data, s, x.dtype)
 
 
 @register_scaled_op(lax.pow_p)
@@ -427,15 +470,16 @@ def pow_(x: Any, y: Any, **params: Any) -> ScaledArray:
     ``2**k`` and data ``d**c * r`` (``r`` in ``[1, 2)``), so ``x ** 0.5`` of 1e-30 stays
     in range. Otherwise (traced exponent, scaled exponent or static base) the power is
     computed on the unscaled float32 values and returned at scale 1: its magnitude
-    depends on every element of the exponent, which no input scale predicts."""
+    depends on every element of the exponent, which no input scale predicts. Both
+    paths are range-guarded (`fit_to_format`)."""
     c = None if isinstance(y, ScaledArray) else static_uniform_value(y)
     if isinstance(x, ScaledArray) and c is not None and np.isfinite(c):
         c = float(np.asarray(c, np.float32))
         s, r = _scale_pow(x.scale, c)
         data = lax.pow(_data(x), np.float32(c))
-        return ScaledArray(times_residual(data, r).astype(out_dtype(x, y)), s)
+        return fit_to_format(times_residual(data, r), s, out_dtype(x, y))
     data = lax.pow_p.bind(in_scale(x, one()), in_scale(y, one()), **params)
-    return ScaledArray(data.astype(out_dtype(x, y)), one())
+    return fit_to_format(data, one(), out_dtype(x, y))
 
 
 @register_scaled_op(lax.log_p)
@@ -483,9 +527,7 @@ def _odd_decaying_scale(s: Any) -> Any:
 _SCALE_DOCS = {
     _unit_scale: (
         "returned at scale 1: its outputs are O(1) for O(1) inputs, or grow too fast "
-        "for any scale chosen from the input scale alone (no reduction is added to the "
-        "hot path); values beyond the data format at scale 1 overflow as in plain "
-        "low-precision JAX"
+        "for any scale chosen from the input scale alone"
     ),
     _near_identity_scale: (
         "returned at scale ``min(s, 1)``: it behaves like ``c * x`` near 0 and is O(1) "
@@ -511,38 +553,48 @@ _SCALE_DOCS = {
 }
 
 
-def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any]) -> Callable[..., Any]:
+def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = False) -> Callable[..., Any]:
     def rule(x: ScaledArray, **params: Any) -> ScaledArray:
-        t = scale_fn(x.scale)
-        y = prim.bind(_value(x), **params)
-        return ScaledArray(_div_by_scale(y, t).astype(x.dtype), t)
+        # Clamped to the normal range: an all-zero input (scale 0) must not give the
+        # output scale 0 (``cos(0) = 1``) nor a division by it.
+        t = _clamp_scale(scale_fn(x.scale))
+        y = _div_by_scale(prim.bind(_value(x), **params), t)
+        if bounded:
+            return ScaledArray(y.astype(x.dtype), t)
+        return fit_to_format(y, t, x.dtype)
 
     rule.__name__ = prim.name
+    guard = (
+        "Its output is bounded at that scale: no range guard."
+        if bounded else
+        "Its output is unbounded at that scale, so it is range-guarded (`fit_to_format`): "
+        "finite data wherever the float32 value is finite and inside the scale range."
+    )
     rule.__doc__ = (
         f"``{prim.name}(x)`` computed in float32 on the unscaled value ``d * s`` and "
-        f"{_SCALE_DOCS[scale_fn]}."
+        f"{_SCALE_DOCS[scale_fn]}. {guard}"
     )
     return register_scaled_op(prim)(rule)
 
 
 exp = _nonlinear(lax.exp_p, _unit_scale)
 exp2 = _nonlinear(lax.exp2_p, _unit_scale)
-cos = _nonlinear(lax.cos_p, _unit_scale)
+cos = _nonlinear(lax.cos_p, _unit_scale, bounded=True)
 cosh = _nonlinear(lax.cosh_p, _unit_scale)
-acos = _nonlinear(lax.acos_p, _unit_scale)
-acosh = _nonlinear(lax.acosh_p, _unit_scale)
-logistic = _nonlinear(lax.logistic_p, _unit_scale)
-erfc = _nonlinear(lax.erfc_p, _unit_scale)
+acos = _nonlinear(lax.acos_p, _unit_scale, bounded=True)
+acosh = _nonlinear(lax.acosh_p, _unit_scale, bounded=True)
+logistic = _nonlinear(lax.logistic_p, _unit_scale, bounded=True)
+erfc = _nonlinear(lax.erfc_p, _unit_scale, bounded=True)
 
-tanh = _nonlinear(lax.tanh_p, _near_identity_scale)
-sin = _nonlinear(lax.sin_p, _near_identity_scale)
+tanh = _nonlinear(lax.tanh_p, _near_identity_scale, bounded=True)
+sin = _nonlinear(lax.sin_p, _near_identity_scale, bounded=True)
 tan = _nonlinear(lax.tan_p, _near_identity_scale)
-asin = _nonlinear(lax.asin_p, _near_identity_scale)
-atan = _nonlinear(lax.atan_p, _near_identity_scale)
+asin = _nonlinear(lax.asin_p, _near_identity_scale, bounded=True)
+atan = _nonlinear(lax.atan_p, _near_identity_scale, bounded=True)
 sinh = _nonlinear(lax.sinh_p, _near_identity_scale)
-asinh = _nonlinear(lax.asinh_p, _near_identity_scale)
+asinh = _nonlinear(lax.asinh_p, _near_identity_scale, bounded=True)
 atanh = _nonlinear(lax.atanh_p, _near_identity_scale)
-erf = _nonlinear(lax.erf_p, _near_identity_scale)
+erf = _nonlinear(lax.erf_p, _near_identity_scale, bounded=True)
 erf_inv = _nonlinear(lax.erf_inv_p, _near_identity_scale)
 expm1 = _nonlinear(lax.expm1_p, _near_identity_scale)
 log1p = _nonlinear(lax.log1p_p, _near_identity_scale)
@@ -550,15 +602,15 @@ log1p = _nonlinear(lax.log1p_p, _near_identity_scale)
 lgamma = _nonlinear(lax.lgamma_p, _growing_scale)
 digamma = _nonlinear(lax.digamma_p, _pole_at_zero_scale)
 
-bessel_i0e = _nonlinear(lax.bessel_i0e_p, _decaying_scale)
-bessel_i1e = _nonlinear(lax.bessel_i1e_p, _odd_decaying_scale)
+bessel_i0e = _nonlinear(lax.bessel_i0e_p, _decaying_scale, bounded=True)
+bessel_i1e = _nonlinear(lax.bessel_i1e_p, _odd_decaying_scale, bounded=True)
 
 # Rounding to integers: for s >= 1 the value's integer part is at the data's scale (the
 # result has the magnitude of x); for s < 1, |x| is below the data's magnitude and the
 # results are small integers, held at scale 1.
-round_ = _nonlinear(lax.round_p, _growing_scale)
-floor = _nonlinear(lax.floor_p, _growing_scale)
-ceil = _nonlinear(lax.ceil_p, _growing_scale)
+round_ = _nonlinear(lax.round_p, _growing_scale, bounded=True)
+floor = _nonlinear(lax.floor_p, _growing_scale, bounded=True)
+ceil = _nonlinear(lax.ceil_p, _growing_scale, bounded=True)
 
 
 @register_scaled_op(lax.atan2_p)

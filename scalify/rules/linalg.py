@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, promote, saturating_cast, scale_dtype, scale_mul, times_residual
+from scalify.core.operands import as_jax, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import Deferred, register_scaled_op
 
@@ -115,6 +115,12 @@ def _scaled_contraction(
             ld, rd = (lax.mul(ld, inv), rd) if small[1] == 0 else (ld, lax.mul(rd, inv))
             return ScaledArray(contract(ld, rd, acc_dtype), scale)
     acc = contract(ld, rd, acc_dtype)
+    if is_narrow(out_type):
+        # Range guard: K correlated products sum to up to K (not sqrt(K)) times their
+        # size, beyond float16's range for drifted or outlier data.
+        if factor != 1:
+            acc = lax.mul(acc, np.asarray(1 / factor, acc.dtype))
+        return fit_to_format(acc, scale, out_type)
     return ScaledArray(_rescale(acc, factor, out_type), scale)
 
 
@@ -205,7 +211,8 @@ def dot_general(
     several contracting dimensions and every other parameter are forwarded as given. When
     operands and result are float32 (or float64) and K > 1, the result is `Rescaled`: its
     division by ``pow2(sqrt(K))`` waits for the next rule (``.materialise()`` gives the
-    ScaledArray)."""
+    ScaledArray). A float16 or float8 result is range-guarded (`fit_to_format`): K
+    correlated products sum to up to K, not sqrt(K), times their size."""
     return scaled_dot_general(
         lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type,
         _deferred=True, **params
@@ -241,7 +248,8 @@ def conv_general_dilated(
     accumulation, divided by ``pow2(sqrt(K))`` with K the fan-in (kernel spatial size
     times input features per group, see `conv_fan_in`), rounded once to the output
     dtype; output scale ``sa * sb * pow2(sqrt(K))``. Strides, padding, dilations, group
-    counts, dimension numbers and every other parameter are forwarded as given."""
+    counts, dimension numbers and every other parameter are forwarded as given. A float16
+    or float8 result is range-guarded (`fit_to_format`), as for `dot_general`."""
     rhs_shape = np.shape(rhs.data if isinstance(rhs, ScaledArray) else rhs)
     k = conv_fan_in(rhs_shape, params.get("dimension_numbers"))
 

@@ -52,8 +52,8 @@ def reduce_sum(x: ScaledArray, *, axes: Sequence[int], **params: Any) -> ScaledA
     backward (``rsqrt(var)**3``) data N**1.5 too small: gradients drift below unit size
     block after block until float16 loses them. Measuring costs one reduction over the
     output, which is N times smaller than the input: ``m = pow2(rms(sum))``, data
-    ``sum / m``, scale ``x.scale * m`` (1 when the sum is all zeros or not finite, so
-    that the output never gets a zero or infinite scale). The data of a measured sum are
+    ``sum / m``, scale ``x.scale * m`` (``m`` is 0 when the sum is all zeros: the zero
+    tensor; 1 when it is not finite, so that the output never gets an infinite scale). The data of a measured sum are
     independent of the input scale, so scale invariance holds.
     """
     n = _num_reduced(x.shape, axes)
@@ -83,10 +83,13 @@ def _pow2_rms(total: Any) -> Tuple[Any, Any]:
     v = lax.reduce_sum(lax.square(t), tuple(range(t.ndim)))
     v = lax.mul(v, np.asarray(1 / max(t.size, 1), v.dtype))  # the mean square
     if get_config().rounding_mode == Pow2RoundMode.DOWN:
-        return _traced_rms_down(v)
-    v = _normal_or_one(v)
-    m = pow2_round(lax.sqrt(v))
-    return m, lax.div(np.ones((), v.dtype), m)
+        m, inv = _traced_rms_down(v)
+    else:
+        m = pow2_round(lax.sqrt(_normal_or_one(v)))
+        inv = lax.div(np.ones((), v.dtype), m)
+    # An all-zero sum is the zero tensor: scale 0, so that it never sets the scale of
+    # what it is added to (its data, 0, is kept as it is: ``inv`` stays finite).
+    return lax.select(lax.eq(v, np.zeros((), v.dtype)), np.zeros((), v.dtype), m), inv
 
 
 def _normal_or_one(v: Any) -> Any:

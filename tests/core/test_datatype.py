@@ -55,7 +55,7 @@ def test_as_scaled_array_and_asarray_roundtrip():
         (jnp.arange(3), 1.0, TypeError, "floating"),
         (jnp.ones(3), jnp.ones(2), TypeError, "scalar"),
         (jnp.ones(3), np.float32(np.inf), ValueError, "finite"),
-        (jnp.ones(3), np.float32(-1.0), ValueError, "positive"),
+        (jnp.ones(3), np.float32(-1.0), ValueError, ">= 0"),
         (jnp.ones(3), np.int32(2), TypeError, "floating"),
     ],
 )

@@ -76,10 +76,11 @@ def test_reduce_sum_keeps_unit_variance(offset):
     assert 1.0 <= rms < 2.0
 
 
-def test_reduce_sum_of_zeros_gets_a_finite_scale():
+def test_reduce_sum_of_zeros_is_the_zero_tensor():
+    """An all-zero sum carries no magnitude: scale 0 (DESIGN §3.4), data 0."""
     x = scaled(np.zeros((64, 3)), 2.0**-3, np.float16)
     out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
-    assert float(out.scale) == 2.0**-3
+    assert float(out.scale) == 0.0
     np.testing.assert_array_equal(np.asarray(out.data, np.float32), 0.0)
 
 
