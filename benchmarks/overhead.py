@@ -129,7 +129,9 @@ def static_sums():
 def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,
             trace_rounds: int = 15, decompose: bool = False) -> Dict[str, Any]:
     null = contextlib.nullcontext
-    variants = {"jax": (step, plain_args, null), "scalify": (sfy.scalify(step), scaled_args, null)}
+    variants = {"jax": (step, plain_args, null), "scalify": (sfy.scalify(step), scaled_args, null),
+                # the same without the range guard, to show what the guard costs
+                "unguarded": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(range_guard=False))}
     if decompose:
         variants["static-scales"] = (with_static_scales(step), plain_args, null)
         variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
@@ -155,7 +157,8 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
             res[name]["run"].append(_timed(lambda: compiled[name](*args)))
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
     ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
-    out: Dict[str, Any] = {"median_s": med, "ratio": ratios}
+    out: Dict[str, Any] = {"median_s": med, "ratio": ratios,
+                           "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")}}
     if decompose:
         out["decomposition"] = {
             name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}
@@ -190,6 +193,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
             print(f"{name:<16}{q['trace']:>9.2f}x{q['compile']:>9.2f}x{q['run']:>9.2f}x"
                   f"   run: jax {r['median_s']['jax']['run'] * 1e3:.2f} ms, "
                   f"scalify {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
+            u = r["ratio_unguarded"]
+            print(f"  {'no range guard':<14}{'':>10}{u['compile']:>9.2f}x{u['run']:>9.2f}x")
             for part, p in r.get("decomposition", {}).items():
                 print(f"  {part:<14}{'':>10}{p['compile']:>9.2f}x{p['run']:>9.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -46,7 +46,15 @@ plain float16 leaves and runs through the scaled rules: float32 conversions keep
 leaf's scale, ``inner.update`` runs on scaled values, and the new state passes through
 `storage_cast`, a primitive whose scaled rule repacks exactly as above (its plain meaning
 is a saturating cast). The state returned by ``scalify(step)`` thus has the same
-ScaledArray leaves as the one passed in, so a jitted training loop carries it unchanged.
+ScaledArray leaves as the one passed in, so a jitted training loop carries it unchanged
+(a state leaf the optimizer rebuilds from constants, such as Adafactor's placeholders for
+unfactored statistics, is repacked too). The updates pass through `unit_cast_p`, whose
+scaled rule casts them to the gradients' dtype at a fresh scale that puts their max-abs
+in ``[1, 2)``: the scale the rules leave on an update depends on the optimizer's
+arithmetic (an all-zero state at init, a clipping factor, Adafactor's ``max(rms(p),
+eps)`` of a zero-initialised weight) and may sit binades away from the update's size,
+and cast to float16 at that scale a small update would lose its precision to subnormals
+(or a large one overflow), and ``p + u`` would carry the weight's data with it.
 
 **Master weights.** `apply_updates` adds updates to params held as float16
 `ScaledArray`s (or plain arrays) in float32 and rounds the result once, optionally with
@@ -67,11 +75,11 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
-from scalify.core.operands import as_jax, compute_dtype, promote
-from scalify.core.pow2 import pow2_round_down, pow2_round_up
-from scalify.core.registry import register_scaled_op
+from scalify.core.operands import as_jax, compute_dtype, is_narrow, promote
+from scalify.core.pow2 import is_static, pow2_round_down, pow2_round_up
+from scalify.core.registry import register_argument_check, register_scaled_op
 
-__all__ = ["scaled_state", "apply_updates", "stochastic_round", "storage_cast"]
+__all__ = ["scaled_state", "ScaledOptState", "apply_updates", "stochastic_round", "storage_cast"]
 
 # Fields of optax's state NamedTuples that hold a *first moment* (the leaves `mu_dtype`
 # applies to): `mu` of Adam/AdamW/Lion/Nadam/AMSGrad/AdaBelief..., `trace` of SGD
@@ -170,24 +178,35 @@ def _storage_cast_scaled(x: Any, *, dtype: Any, **params: Any) -> ScaledArray:
     return ScaledArray(data, scale)
 
 
-storage_cast_p = Primitive("scalify_storage_cast")
+def _cast_primitive(name: str, impl: Any) -> Primitive:
+    """A primitive ``prim.bind(x, dtype=...)`` whose plain meaning is ``impl(x, dtype)``
+    (a cast) and whose scaled meaning a rule registered for it gives. Batched
+    elementwise; differentiated as a cast (the tangent is cast the same way, a linear
+    convert that reverse mode transposes), e.g. through an optimizer step."""
+    prim = Primitive(name)
+    prim.def_impl(lambda x, *, dtype: impl(x, dtype))
+    prim.def_abstract_eval(lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)))
+    mlir.register_lowering(prim, mlir.lower_fun(lambda x, *, dtype: impl(x, dtype), multiple_results=False))
+    batching.primitive_batchers[prim] = lambda args, dims, **params: (prim.bind(args[0], **params), dims[0])
+    ad.defjvp(prim, lambda t, x, *, dtype: jnp.asarray(t).astype(dtype))
+    return prim
 
 
-def _storage_cast_impl(x: Any, *, dtype: Any) -> jax.Array:
-    return _saturating_cast(x, dtype)
+storage_cast_p = _cast_primitive("scalify_storage_cast", _saturating_cast)
 
 
-storage_cast_p.def_impl(_storage_cast_impl)
-storage_cast_p.def_abstract_eval(lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)))
-mlir.register_lowering(storage_cast_p, mlir.lower_fun(_storage_cast_impl, multiple_results=False))
-batching.primitive_batchers[storage_cast_p] = lambda args, dims, **params: (
-    storage_cast_p.bind(args[0], **params),
-    dims[0],
-)
-# Differentiating through a storage cast (e.g. through an optimizer step): the tangent is
-# cast the same way (a linear convert, so reverse mode transposes it).
-ad.defjvp(storage_cast_p, lambda t, x, *, dtype: jnp.asarray(t).astype(dtype))
-register_scaled_op(storage_cast_p)(_storage_cast_scaled)
+@register_scaled_op(storage_cast_p, always_scaled=True)
+def _storage_cast_rule(x: Any, *, dtype: Any, **params: Any) -> Any:
+    """The interpreter's rule for `storage_cast`: a scaled operand is repacked
+    (`_storage_cast_scaled`); so is a constant known at trace time, since inside `scalify`
+    a stored state leaf whose new value an optimizer builds from constants (Adafactor's
+    ``zeros((1,))`` placeholders for unfactored statistics, a reset accumulator) must come
+    back a ScaledArray like the leaf that went in, or the state's structure would change
+    between steps (a jitted step recompiles, a ``scan`` carry breaks). A traced plain
+    operand stays plain: a saturating cast, as outside `scalify`."""
+    if isinstance(x, ScaledArray) or is_static(x):
+        return _storage_cast_scaled(x, dtype=dtype)
+    return storage_cast_p.bind(x, dtype=dtype)
 
 
 def storage_cast(x: Any, dtype: Any) -> Any:
@@ -196,12 +215,58 @@ def storage_cast(x: Any, dtype: Any) -> Any:
     - a `ScaledArray`: repacked at a fresh power-of-two scale that puts its max-abs in
       the top binade of ``dtype`` (see `scaled_state`), data cast once, saturating;
     - a plain array outside `scalify`: a saturating cast;
-    - inside `scalify`, on a value that is scaled there: the ScaledArray repack.
+    - inside `scalify`, on a value that is scaled there or a constant known at trace
+      time: the ScaledArray repack; on a traced plain value: the saturating cast.
     """
     dtype = _check_dtype(dtype, "dtype")
     if isinstance(x, ScaledArray):
         return _storage_cast_scaled(x, dtype=dtype)
     return storage_cast_p.bind(jnp.asarray(x), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# unit_cast: the updates' cast. Plain meaning: ``astype``; scaled meaning: a fresh scale
+# that puts the data's max-abs in [1, 2) (what `scaled_state` needs inside scalify).
+
+
+def _unit_ratio(amax: Any) -> jax.Array:
+    """The power of two ``r`` with ``amax / r`` in ``[1, 2)`` (1 for 0, inf or NaN)."""
+    r = pow2_round_down(jnp.maximum(amax, _TINY))
+    return jnp.where((amax > 0) & jnp.isfinite(r), r, np.float32(1))
+
+
+def _unit_cast_scaled(x: Any, *, dtype: Any, **params: Any) -> ScaledArray:
+    """Scaled rule of `unit_cast_p`: ``x`` cast to ``dtype`` at a fresh scale.
+
+    Scaling choice: the new scale is ``x.scale * r`` with ``r`` the power of two
+    (rounded down) that puts the max-abs of the data in ``[1, 2)``: values the model
+    computes with next (an update added to the weights) want data near unit size, as
+    every scaled rule does. Why not keep the scale the rules gave: the update's scale
+    comes out of the optimizer's arithmetic, where an all-zero state at init, a clipping
+    factor or an accumulator's initial value can leave it binades away from the update's
+    size (SGD momentum's first update of a 1e-9 leaf came out with data 1e-6, float16
+    subnormals with 4 significant bits). The data is divided by ``r`` in float32
+    (exact) and cast once, saturating. Zero, infinite or NaN data keep the input scale.
+    """
+    x = promote(x)
+    d = as_jax(x.data)
+    d = d.astype(_cdtype(d))
+    r = _unit_ratio(_amax(d))
+    data = _saturating_cast(d / r.astype(d.dtype), dtype)
+    return ScaledArray(data, jnp.asarray(x.scale, _F32) * r)
+
+
+unit_cast_p = _cast_primitive("scalify_unit_cast", lambda x, dtype: jnp.asarray(x).astype(dtype))
+
+
+@register_scaled_op(unit_cast_p, always_scaled=True)
+def _unit_cast_rule(x: Any, *, dtype: Any, **params: Any) -> Any:
+    """The interpreter's rule for `unit_cast_p`: scaled operands and constants known at
+    trace time are cast at a fresh unit scale (`_unit_cast_scaled`); a traced plain
+    operand stays plain (``astype``), as outside `scalify`."""
+    if isinstance(x, ScaledArray) or is_static(x):
+        return _unit_cast_scaled(x, dtype=dtype)
+    return unit_cast_p.bind(x, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -219,6 +284,46 @@ def _unit_pack(x: Any, dtype: Any) -> ScaledArray:
 
 # --------------------------------------------------------------------------------------
 # scaled_state
+
+
+class ScaledOptState:
+    """The state of a `scaled_state` optimizer: the inner optimizer's state (``inner``),
+    its float arrays stored as ScaledArrays.
+
+    It reads as the inner state: ``state[0].mu``, ``state.inner_state``, ``len(state)``
+    and iteration go to ``inner``. A pytree with the one child ``inner``. It also tells
+    `scalify` that this optax state is updated in float32 by `scaled_state`, unlike
+    optax state initialised directly on float16 ScaledArrays (see `_check_optax_state`)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.inner[i]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not yet set (unpickling, copy): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def __repr__(self) -> str:
+        return f"ScaledOptState({self.inner!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    ScaledOptState,
+    lambda s: (((jax.tree_util.GetAttrKey("inner"), s.inner),), None),
+    lambda aux, children: ScaledOptState(children[0]),
+    flatten_func=lambda s: ((s.inner,), None),
+)
 
 
 def _as_transformation(inner: Any) -> optax.GradientTransformationExtraArgs:
@@ -314,7 +419,9 @@ def _like_grad(u: Any, g: Any) -> Any:
     if isinstance(g, ScaledArray):
         return _unit_pack(u, g.dtype)
     if _is_float_array(g) and _is_float_array(u):
-        return jnp.asarray(u).astype(g.dtype)
+        # A plain gradient is either plain (a cast) or, inside `scalify`, a ScaledArray
+        # seen as its data: the primitive's rule then gives the update a unit-size data.
+        return unit_cast_p.bind(jnp.asarray(u), dtype=np.dtype(g.dtype))
     return u
 
 
@@ -341,12 +448,13 @@ def scaled_state(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`. Its ``init`` takes plain or ScaledArray
-      params and returns the inner state with every float array (ndim >= 1) a
+      params and returns a `ScaledOptState` (reads as the inner state) with every float array (ndim >= 1) a
       `ScaledArray` of ``dtype`` and a power-of-two scale; integer leaves and float
       scalars are kept as they are. Its ``update(grads, state, params=None, **extra)``
       takes plain or ScaledArray grads and params, computes the inner update in float32
       and returns updates in the form of the gradients (plain of the same dtype, or
-      ScaledArrays of the same data dtype) and the state repacked with fresh scales
+      ScaledArrays of the same data dtype whose max-abs data lies in ``[1, 2)``, inside
+      `scalify` as outside) and the state repacked with fresh scales
       (see the module docstring for the choice of scale). Extra arguments are forwarded
       to ``inner``. It works under `jax.jit`, `jax.eval_shape`, with sharded arrays, and
       inside `scalify` (call ``init`` outside it).
@@ -367,9 +475,10 @@ def scaled_state(
             d = mu_dtype if (mu_dtype is not None and _is_first_moment(state, path)) else dtype
             return _pack_new(x, d)
 
-        return jax.tree_util.tree_map_with_path(pack, state, is_leaf=is_scaled_leaf)
+        return ScaledOptState(jax.tree_util.tree_map_with_path(pack, state, is_leaf=is_scaled_leaf))
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any):
+        state = state.inner if isinstance(state, ScaledOptState) else state
         new_updates, new_state = tx.update(
             _to_compute(updates),
             _to_compute(state),
@@ -380,7 +489,7 @@ def scaled_state(
         new_updates = jax.tree.map(
             _like_grad, new_updates, updates, is_leaf=lambda x: x is None or is_scaled_leaf(x)
         )
-        return new_updates, new_state
+        return new_updates, ScaledOptState(new_state)
 
     # `init` is jitted: called eagerly, it then compiles one program rather than one per
     # operation and leaf shape; under an outer `jit` or `eval_shape` it is inlined.
@@ -474,3 +583,68 @@ def apply_updates(
         return value.astype(p.dtype)
 
     return jax.tree.unflatten(treedef, [one_leaf(p, u, k) for p, u, k in zip(leaves, uleaves, keys)])
+
+
+# --------------------------------------------------------------------------------------
+# Unwrapped optax state inside scalify: refused where its update cannot be right.
+
+# optax state classes whose update is right on float16 ScaledArrays: linear in the
+# gradients or a sign, with no small constant (eps) that float16 rounds to 0.
+_SAFE_STATES = {"TraceState", "ScaleByLionState", "EmptyState", "ScaleByScheduleState",
+                "ScaleByLearningRateState", "InjectHyperparamsState", "InjectStatefulHyperparamsState",
+                "MultiStepsState", "MaskedState", "MultiTransformState", "PartitionState"}
+# optax state classes whose `init` is not all zeros: mapped over a ScaledArray's children
+# (its data and its scale separately), such an init gives a wrong value in any dtype
+# (Adagrad's `full_like(0.1)` of both: a value of 0.01).
+_NONZERO_INIT_STATES = {"ScaleByRssState"}
+
+
+def _optax_states(tree: Any):
+    """The optax state NamedTuples in ``tree`` (nested tuples, lists and dicts)."""
+    if isinstance(tree, (ScaledArray, ScaledOptState)):
+        return  # a ScaledOptState's update computes in float32: nothing to refuse
+    if isinstance(tree, tuple) and hasattr(tree, "_fields") and type(tree).__module__.startswith("optax"):
+        yield tree
+    if isinstance(tree, (tuple, list)):
+        for x in tree:
+            yield from _optax_states(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _optax_states(x)
+
+
+def _check_optax_state(args: Any, kwargs: Any) -> None:
+    """Refuse, at trace time, optax state holding ScaledArrays that `scaled_state` did not
+    pack, where the optimizer's update would be silently wrong under `scalify`.
+
+    Why it cannot be right: optax computes an update in the dtype of its state and
+    gradients. In float16, JAX rounds a constant such as Adam's ``eps=1e-8`` to 0 while
+    tracing, before scalify sees the program, so the update of an all-zero gradient row
+    is ``0 / 0``; and ``init`` on ScaledArray params maps over each one's data and scale
+    separately, which is right only for an all-zero init. `scaled_state` computes every
+    update in float32 and stores the state scaled, which is why it is the remedy."""
+    for state in _optax_states((args, kwargs)):
+        name = type(state).__name__
+        for leaf in jax.tree.leaves(state, is_leaf=is_scaled_leaf):
+            if not isinstance(leaf, ScaledArray):
+                continue
+            narrow = is_narrow(leaf.dtype) and name not in _SAFE_STATES
+            if narrow or name in _NONZERO_INIT_STATES:
+                why = (
+                    f"optax computes its update in the state's {leaf.dtype}, where small "
+                    "constants such as eps=1e-8 round to 0 while JAX traces (an all-zero "
+                    "gradient row then updates by 0/0 = NaN)"
+                    if narrow else
+                    "its `init` mapped over each ScaledArray's data and scale separately, "
+                    "which gives a wrong initial value"
+                )
+                raise TypeError(
+                    f"scalify: the optax state {type(state).__module__}.{name} holds "
+                    f"ScaledArrays that `scalify.optim.scaled_state` did not make: {why}. "
+                    "Wrap the optimizer, `opt = sfy.optim.scaled_state(optax.<optimizer>(...))` "
+                    "(float32 update math, float16 state), or keep its state plain float32: "
+                    "`opt.init(sfy.asarray(params, jnp.float32))`."
+                )
+
+
+register_argument_check(_check_optax_state)

@@ -21,6 +21,7 @@ from scalify.core.pow2 import (
 from scalify.core.registry import (
     UnsupportedPrimitiveError,
     get_scaled_rule,
+    register_argument_check,
     register_scaled_op,
     register_static_impl,
     get_static_impl,

@@ -39,6 +39,7 @@ from scalify.core.pow2 import is_static
 from scalify.core.registry import (
     Deferred,
     UnsupportedPrimitiveError,
+    argument_checks,
     get_scaled_rule,
     get_static_impl,
     is_always_scaled,
@@ -373,13 +374,13 @@ def _check_scaled_leaf(x: ScaledArray) -> ScaledArray:
         v = np.asarray(s)
         if not (np.isfinite(v) and v >= 0):
             raise ValueError(f"scalify: ScaledArray scale must be finite and >= 0, got {v}.")
-    return x if s is x.scale else ScaledArray(x.data, s)
+    return x if s is x.scale else type(x)(x.data, s)
 
 
 def _finalise(x: Any) -> Any:
     """Outputs are JAX values: static results and scales become JAX arrays."""
-    if isinstance(x, ScaledArray):
-        return ScaledArray(jnp.asarray(x.data), jnp.asarray(x.scale))
+    if isinstance(x, ScaledArray):  # its kind kept (a subclass marks, e.g., stored state)
+        return type(x)(jnp.asarray(x.data), jnp.asarray(x.scale))
     if is_static(x):
         return jnp.asarray(x)
     return x
@@ -399,6 +400,8 @@ def scalify(fun: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_scaled_leaf)
         leaves = [_check_scaled_leaf(x) if isinstance(x, ScaledArray) else x for x in leaves]
+        for check in argument_checks():
+            check(args, kwargs)
         # Array leaves are traced; other leaves (numbers, functions, module config of
         # Equinox models...) are static, closed over like `eqx.filter_jit` does.
         is_dynamic = [_is_array_leaf(x) for x in leaves]

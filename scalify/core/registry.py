@@ -146,3 +146,20 @@ def register_static_impl(*prims: Primitive) -> Callable[[Callable], Callable]:
 def get_static_impl(prim: Primitive) -> Optional[Callable[..., Any]]:
     """The registered trace-time evaluator of ``prim``, or None."""
     return _STATIC_IMPLS.get(prim)
+
+
+_ARGUMENT_CHECKS: list = []
+
+
+def register_argument_check(check: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """Register ``check(args, kwargs)``, called by `scalify` on the arguments of every
+    scalified call before tracing, to refuse inputs that no rule can handle correctly
+    with a clear error (e.g. `scalify.optim` refuses optax state whose update would be
+    computed in float16). Returns ``check``."""
+    _ARGUMENT_CHECKS.append(check)
+    return check
+
+
+def argument_checks() -> list:
+    """The registered argument checks (see `register_argument_check`)."""
+    return list(_ARGUMENT_CHECKS)

@@ -31,7 +31,7 @@ from jax import lax
 from jax.interpreters import ad, batching
 
 from scalify.core.datatype import ScaledArray, is_float_dtype
-from scalify.core.operands import as_jax, compute_dtype
+from scalify.core.operands import as_jax, compute_dtype, fit_to_format, is_narrow
 from scalify.core.registry import register_scaled_op
 from scalify.lax._primitive import define_primitive, elementwise_batching
 from scalify.ops._backward import bound, map_on_backward_data
@@ -166,12 +166,23 @@ ad.deflinear2(cast_p, _cast_transpose)
 
 @register_scaled_op(cast_p)
 def _cast_rule(x: Any, *, dtype: Any, **params: Any) -> Any:
-    """Saturating cast of the **data** (scale kept): a scaled tensor in a narrow format
-    is its data in that format. Data near unit scale is far from the saturation bound;
-    saturation only catches outliers."""
+    """Cast of the **data**: a scaled tensor in a narrow format is its data in that
+    format. Range-guarded (`fit_to_format`) into a narrower float16/float8 format: data
+    whose max-abs leaves the format's safe band (outliers above E4M3's 448) moves the
+    excess into the scale instead of saturating; otherwise the scale is kept."""
     if isinstance(x, ScaledArray):
-        return ScaledArray(saturating_cast(x.data, dtype), x.scale)
+        return _cast_scaled(x, dtype)
     return saturating_cast(x, dtype)
+
+
+def _cast_scaled(x: ScaledArray, dtype: np.dtype) -> ScaledArray:
+    """A ScaledArray's data cast to ``dtype``: range-guarded when narrowing into a
+    float16/float8 format, a saturating cast with the scale kept otherwise."""
+    narrower = np.dtype(dtype).itemsize < np.dtype(x.dtype).itemsize or (
+        float(jnp.finfo(dtype).max) < float(jnp.finfo(x.dtype).max))
+    if is_narrow(dtype) and narrower:
+        return fit_to_format(x.data, x.scale, dtype)
+    return ScaledArray(saturating_cast(x.data, dtype), x.scale)
 
 
 def _rp_abstract(x: Any, *, dtype: Any) -> Any:
@@ -221,7 +232,7 @@ def cast_on_forward(x: Any, dtype: Any) -> Any:
     _check_castable(dtype, "cast_on_forward")
     x = _operand(x)
     if isinstance(x, ScaledArray):
-        return ScaledArray(saturating_cast(x.data, dtype), x.scale)
+        return _cast_scaled(x, dtype)
     return cast_p.bind(x, dtype=dtype)
 
 

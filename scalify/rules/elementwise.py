@@ -52,6 +52,7 @@ from scalify.core.operands import (
     compute_dtype,
     fit_to_format,
     hypot_scale,
+    is_narrow,
     in_scale,
     one,
     out_dtype,
@@ -659,10 +660,16 @@ def _has_inf(dtype: Any) -> bool:
 def convert_element_type(x: ScaledArray, *, new_dtype: Any, **params: Any) -> Any:
     """Cast. To a float dtype: the data is cast and the scale kept (this is how a
     ScaledArray moves between float32, float16 and float8 without changing its
-    magnitude); finite data beyond a format without infinities (float8 E4M3FN) saturates
-    at its largest value instead of becoming NaN. To an integer dtype: the value is
+    magnitude); narrowing into float16 or a float8 format is range-guarded
+    (`fit_to_format`: data beyond the format moves its excess into the scale); other
+    finite data beyond a format without infinities saturates instead of becoming NaN. To an integer dtype: the value is
     unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain)."""
     new = np.dtype(new_dtype)
+    if is_float_dtype(new) and is_narrow(new) and float(jnp.finfo(new).max) < float(jnp.finfo(x.dtype).max):
+        # Narrowing into float16/float8: range-guarded, the data's excess over the
+        # format goes into the scale (float32 data of a drifted tensor, 1e16 at scale
+        # 2**-86, would otherwise become inf).
+        return fit_to_format(x.data, x.scale, new)
     if is_float_dtype(new):
         d = x.data
         if not _has_inf(new) and _has_inf(x.dtype):
