@@ -3,7 +3,8 @@
     python benchmarks/readme_tables.py [--results benchmarks/results] [--readme README.md] [--check]
 
 Reads the JSON files that exist under ``--results`` (train_gpt.json, overhead.json,
-optimizer_memory.json, fp8_matmul.json; missing ones are skipped) and replaces the text
+optimizer_memory.json, fp8_matmul.json; missing ones are skipped; train_gpt_<model>.json
+from ``train_gpt.py --model`` add a per-model accuracy table after train_gpt.json's) and replaces the text
 between ``<!-- results:start -->`` and ``<!-- results:end -->`` in the README with one
 table per benchmark, each naming the machine it was measured on. ``--check`` only reports
 (exit status 1) whether the README is out of date. Needs nothing beyond the standard
@@ -47,12 +48,23 @@ def _ratio(x: Any, digits: int = 2) -> str:
 
 
 TRAIN_GPT_HEADER = ["config", "final train loss", "final val loss", "val / float32",
-                    "step time / float32", "Adam state"]
+                    "step time / float32", "optimizer state", "weights + optimizer state"]
+
+
+def _total_bytes(r: Dict[str, Any], ref: Optional[Dict[str, Any]]) -> str:
+    if "params_bytes" not in r:
+        return "-"
+    total = r["params_bytes"] + r["state_bytes"]
+    ratio = r.get("total_bytes_ratio")
+    if ratio is None and ref is not None and "params_bytes" in ref:
+        ratio = total / (ref["params_bytes"] + ref["state_bytes"])
+    return fmt_bytes(total) + (f" ({ratio:.2f}x)" if isinstance(ratio, (int, float)) and math.isfinite(ratio) else "")
 
 
 def train_gpt_rows(results: Dict[str, Any]) -> List[List[str]]:
     """Rows of the accuracy table (also printed by benchmarks/train_gpt.py)."""
     rows = []
+    ref = results["runs"].get("float32")
     for name, r in results["runs"].items():
         if r.get("nonfinite_step") is not None:
             tr = va = f"non-finite at step {r['nonfinite_step']}"
@@ -61,7 +73,7 @@ def train_gpt_rows(results: Dict[str, Any]) -> List[List[str]]:
             tr, va = f"{r['final_train_loss']:.4f}", f"{r['final_val_loss']:.4f}"
             ratio = f"{r['val_ratio']:.4f}"
         rows.append([name, tr, va, ratio, _ratio(r.get("step_time_ratio")),
-                     f"{fmt_bytes(r['state_bytes'])} ({r['state_bytes_ratio']:.2f}x)"])
+                     f"{fmt_bytes(r['state_bytes'])} ({r['state_bytes_ratio']:.2f}x)", _total_bytes(r, ref)])
     return rows
 
 
@@ -84,6 +96,15 @@ def render_train_gpt(d: Dict[str, Any], results_dir: str) -> str:
         "(`sfy.optim.scaled_state`). scalify-fp8: the same with every matmul in float8 "
         "(`sfy.fp8.autocast`: E4M3 forward, E5M2 gradients).",
     ]
+    if "bf16-mixed" in d["runs"] or "fp16-loss-scaling" in d["runs"]:
+        out[-1] += (" bf16-mixed: the usual mixed precision, float32 master weights and optimizer "
+                    "state, forward and backward on a bfloat16 copy of the weights. "
+                    "fp16-loss-scaling: the same in float16 with dynamic loss scaling (the `jmp` "
+                    "recipe).")
+        ls = d["runs"].get("fp16-loss-scaling", {})
+        if "skipped_steps" in ls:
+            out[-1] += (f" Its final loss scale: {ls['loss_scale']:g}, {ls['skipped_steps']} "
+                        "updates skipped on non-finite gradients.")
     if d.get("platform") == "cpu":
         out += ["", "Step times on CPU say little about accelerators: XLA's CPU backend has no "
                 "float16/float8 matrix units (float8 is emulated), so they only show that the "
@@ -219,6 +240,63 @@ def render_fp8_matmul(d: Dict[str, Any], results_dir: str) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------
+# train_gpt across model families (train_gpt.json and train_gpt_<model>.json)
+
+
+MODEL_CONFIGS = ("bf16-mixed", "fp16-loss-scaling", "scalify-fp16", "scalify-fp8", "bfloat16", "float16")
+
+
+def _model_files(results_dir: str) -> List[str]:
+    names = sorted(f for f in os.listdir(results_dir)
+                   if f.startswith("train_gpt_") and f.endswith(".json"))
+    return (["train_gpt.json"] if os.path.exists(os.path.join(results_dir, "train_gpt.json")) else []) + names
+
+
+def render_train_gpt_models(results_dir: str) -> Optional[str]:
+    """One row per model family: float32's final validation loss and each configuration's
+    ratio to it (or the step at which it went non-finite). None if only one model ran."""
+    results = []
+    for fname in _model_files(results_dir):
+        with open(os.path.join(results_dir, fname)) as f:
+            d = json.load(f)
+        if d.get("benchmark") == "train_gpt" and "float32" in d.get("runs", {}):
+            results.append(d)
+    if len(results) < 2:
+        return None
+    order = ["gpt", "gpt2", "llama", "equinox"]  # benchmarks/models.py's FAMILIES
+    family = lambda d: d["model"].get("family", "gpt")
+    results.sort(key=lambda d: (order.index(family(d)) if family(d) in order else len(order), family(d)))
+    configs = [c for c in MODEL_CONFIGS if any(c in d["runs"] for d in results)]
+    rows = []
+    for d in results:
+        m, t = d["model"], d["training"]
+        row = [m.get("family", "gpt"), f"{m['n_params'] / 1e6:.2f}M", str(t["steps"]),
+               f"{d['runs']['float32']['final_val_loss']:.4f}"]
+        for c in configs:
+            r = d["runs"].get(c)
+            if r is None:
+                row.append("-")
+            elif r.get("nonfinite_step") is not None:
+                row.append(f"non-finite at step {r['nonfinite_step']}")
+            else:
+                row.append(f"{r['val_ratio']:.4f}")
+        rows.append(row)
+    devices = sorted({d["device"] for d in results})
+    return "\n".join([
+        "### Accuracy across model families (`benchmarks/train_gpt.py --model ...`)",
+        "",
+        f"Measured on **{', '.join(devices)}**. Final validation loss of float32 and, for each "
+        "configuration, its ratio to it (same weights, batches and optimizer as float32). "
+        "Models (`benchmarks/models.py`): gpt, plain JAX with `optax.adam`; gpt2, Flax linen; "
+        "llama, Flax NNX; equinox, `eqx.nn` layers; the last three with "
+        "`clip_by_global_norm(1.0)` and AdamW. scalify runs use no recipe beyond "
+        "`scalify`, `sfy.optim.scaled_state` and, for fp8, `sfy.fp8.autocast`.",
+        "",
+        _table(["model", "params", "steps", "float32 val loss"] + [f"{c} / float32" for c in configs], rows),
+    ])
+
+
 RENDERERS: List[tuple] = [
     ("train_gpt.json", render_train_gpt),
     ("overhead.json", render_overhead),
@@ -232,14 +310,20 @@ def render(results_dir: str) -> str:
     parts = []
     for fname, fn in RENDERERS:
         path = os.path.join(results_dir, fname)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            d = json.load(f)
-        try:
-            parts.append(fn(d, results_dir))
-        except (KeyError, TypeError, ValueError) as e:  # a JSON layout this script does not know
-            parts.append(f"### {fname}\n\n(could not render {fname}: missing field {e})")
+        if os.path.exists(path):
+            with open(path) as f:
+                d = json.load(f)
+            try:
+                parts.append(fn(d, results_dir))
+            except (KeyError, TypeError, ValueError) as e:  # a JSON layout this script does not know
+                parts.append(f"### {fname}\n\n(could not render {fname}: missing field {e})")
+        if fname == "train_gpt.json":  # then the other models' train_gpt_<model>.json, if any
+            try:
+                table = render_train_gpt_models(results_dir)
+            except (KeyError, TypeError, ValueError) as e:
+                table = f"### train_gpt_<model>.json\n\n(could not render the per-model table: missing field {e})"
+            if table:
+                parts.append(table)
     if not parts:
         parts.append("No benchmark results yet: run the scripts in `benchmarks/`, then "
                      "`python benchmarks/readme_tables.py`.")

@@ -1,36 +1,56 @@
-"""Train a character-level GPT in float32, bfloat16, float16 and with scalify (float16, float8).
+"""Train a character-level language model in float32, the usual mixed-precision recipes,
+plain bfloat16/float16, and with scalify (float16, float8).
 
-    python benchmarks/train_gpt.py                        # default: small GPT, <= 5 min on 2 CPU cores
+    python benchmarks/train_gpt.py                        # default: small GPT, a few minutes on 2 CPU cores
+    python benchmarks/train_gpt.py --model llama          # gpt (default), gpt2, llama or equinox
     python benchmarks/train_gpt.py --preset gpt2-small    # GPT-2 small shapes, for a GPU
     python benchmarks/train_gpt.py --quick                # a few steps of a tiny model (tests)
     python benchmarks/train_gpt.py --data FILE            # any text file instead of the stdlib corpus
 
-The model is benchmarks/gpt.py (pre-LN blocks scanned with `lax.scan`, causal multi-head
-attention, GELU MLP, token/position embeddings); the corpus is the Python standard
-library's own source (benchmarks/data.py), split into train and held-out validation text.
-Every configuration starts from the same float32 initialisation, sees the same batches in
-the same order and is evaluated on the same fixed validation batches:
+Models (benchmarks/models.py, all with the same shape options):
 
-  float32        plain JAX, float32 everything (the reference)
-  bfloat16       plain JAX, params, activations, gradients and Adam state in bfloat16
-  float16        plain JAX, the same in float16, no loss scaling: it fails (shown)
-  scalify-fp16   scalify: float16 ScaledArray params/activations/gradients, Adam state
-                 stored as float16 ScaledArrays (`scalify.optim.scaled_state`)
-  scalify-fp8    scalify-fp16 with every matmul in float8 (`scalify.fp8.autocast`:
-                 E4M3 forward, E5M2 gradients)
+  gpt      benchmarks/gpt.py in plain JAX (pre-LN blocks scanned with `lax.scan`, causal
+           multi-head attention, GELU MLP, token/position embeddings), trained with
+           `optax.adam`
+  gpt2     GPT-2 in Flax linen (tied embedding, learned positions, nn.LayerNorm,
+           nn.MultiHeadDotProductAttention, gelu_new MLP, 0.02-std init)
+  llama    Llama in Flax NNX (nnx.RMSNorm, rotary embeddings, SwiGLU, untied head, no biases)
+  equinox  an Equinox transformer of eqx.nn layers
+           gpt2, llama and equinox train with the usual LLM optimizer:
+           `optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95,
+           weight_decay=0.1))`.
+
+The corpus is the Python standard library's own source (benchmarks/data.py), split into
+train and held-out validation text. Every configuration starts from the same float32
+initialisation, sees the same batches in the same order (learning rate: linear warmup from
+0, cosine decay) and is evaluated on the same fixed validation batches:
+
+  float32            plain JAX, float32 everything (the reference)
+  bfloat16           plain JAX, params, activations, gradients and optimizer state in
+                     bfloat16 (no master weights): a failure case
+  float16            plain JAX, the same in float16, no loss scaling: it fails (shown)
+  bf16-mixed         the usual mixed precision: float32 master weights and float32
+                     optimizer state, the loss computed on a bfloat16 copy of the weights
+  fp16-loss-scaling  float16 compute with dynamic loss scaling and float32 master weights
+                     and optimizer state (the `jmp` recipe: scale 2^15, halved and the
+                     update skipped on a non-finite gradient, doubled after 2000 good steps)
+  scalify-fp16       scalify: float16 ScaledArray params/activations/gradients, optimizer
+                     state stored as float16 ScaledArrays (`scalify.optim.scaled_state`)
+  scalify-fp8        scalify-fp16 with every matmul in float8 (`scalify.fp8.autocast`:
+                     E4M3 forward, E5M2 gradients)
+
+No recipe: the scalify configurations are `jax.jit(sfy.scalify(step))` of the same step as
+float32, with the optimizer wrapped in `sfy.optim.scaled_state` (and, for scalify-fp8, the
+loss in `sfy.fp8.autocast`); nothing else -- no loss scaling, no hand-placed rescaling of
+weights or gradients. Whatever rescaling a model needs is the library's job.
 
 The configurations step in lockstep (step i of each, then step i+1), so a load change on
 a shared machine hits them alike and step-time ratios stay meaningful. The script prints
 a progress bar, then a table (final train and validation loss, ratios to float32,
-optimizer-state bytes) and writes benchmarks/results/train_gpt.json, a loss-curve PNG and,
-from `scalify.telemetry` on the scalify-fp8 run, a PNG of per-tensor scales over training.
-
-The scalify recipe, beyond `jax.jit(sfy.scalify(step))` (both explained where they are
-used below): each matmul's output gradient is brought to unit RMS data by
-`sfy.fp8.autocast` (float8 casts for scalify-fp8, float16 ones -- no-ops -- for
-scalify-fp16), and the weights' data is brought back to unit RMS after each update
-(`sfy.ops.dynamic_rescale_l2`). Without them the gradients' data drifts far from 1 and
-float16 training breaks down (README, "Training recipe").
+optimizer-state and weights + optimizer-state bytes) and writes
+benchmarks/results/train_gpt.json (train_gpt_<model>.json for the other models), a
+loss-curve PNG and, from `scalify.telemetry` on the scalify-fp8 run, a PNG of per-tensor
+scales over training.
 """
 from __future__ import annotations
 
@@ -44,7 +64,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +80,14 @@ import scalify.telemetry  # noqa: E402,F401
 
 import data  # noqa: E402
 import gpt  # noqa: E402
+import models  # noqa: E402
 import readme_tables  # noqa: E402
 
-CONFIGS = ("float32", "bfloat16", "float16", "scalify-fp16", "scalify-fp8")
+CONFIGS = ("float32", "bfloat16", "float16", "bf16-mixed", "fp16-loss-scaling", "scalify-fp16", "scalify-fp8")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Defaults per preset: model shape and training recipe. "default" is sized so that all five
-# configurations finish in <= 5 minutes of CPU time on 2 cores (compilation included).
+# Defaults per preset: model shape and training schedule. "default" was sized so that the
+# five original configurations finish in <= 5 minutes of CPU time on 2 cores (compilation included).
 PRESETS = {
     "default": dict(model=gpt.GPTConfig(seq_len=64, d_model=96, n_heads=4, n_layers=2),
                     steps=300, batch=16, lr=3e-3, eval_every=50, eval_batches=4, eval_batch=32,
@@ -127,15 +148,39 @@ class Trainer:
     evaluate: Callable  # (params, tokens) -> loss
     returns_grads: bool = False
     traced_step: Optional[Callable] = None  # builds a fresh jitted step (telemetry taps)
+    info: Optional[Callable] = None  # state -> extra JSON fields of the run (loss scale)
 
 
 def _cast_tree(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_trainer(name: str, cfg: gpt.GPTConfig, params32: Any, schedule: Any) -> Trainer:
-    """The training step of one configuration (see the module docstring)."""
-    inner = optax.adam(schedule)
+class LossScale(NamedTuple):
+    """Dynamic loss scaling state (the `jmp.DynamicLossScale` recipe, in a few lines)."""
+
+    scale: Any  # float32 scalar, the loss is multiplied by it before the backward pass
+    good_steps: Any  # int32: finite steps since the last change of scale
+    skipped: Any  # int32: updates skipped so far (non-finite gradients)
+
+
+LOSS_SCALE_INIT, LOSS_SCALE_PERIOD, LOSS_SCALE_FACTOR = 2.0 ** 15, 2000, 2.0
+
+
+def _all_finite(tree: Any) -> Any:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
+    """The training step of one configuration (see the module docstring) for a model family
+    (`models.build`: float32 params, ``loss_fn``, ``apply``) and its optax optimizer."""
+    loss_fn, params32 = model.loss_fn, model.params
+
+    def mixed_loss(p32, x, y, dtype):
+        # Mixed precision as `jmp` does it (compute dtype `dtype`, output dtype float32): the
+        # model runs on a `dtype` copy of the float32 master weights, its logits come back
+        # in float32 for the loss; gradients reach the float32 weights through the cast.
+        logits = model.apply(_cast_tree(p32, dtype), x)
+        return models.cross_entropy(logits.astype(jnp.float32), y)
 
     def split(tokens: Any):
         return tokens[:, :-1], tokens[:, 1:]
@@ -143,7 +188,6 @@ def make_trainer(name: str, cfg: gpt.GPTConfig, params32: Any, schedule: Any) ->
     if name in ("float32", "bfloat16", "float16"):
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
         params = _cast_tree(params32, dtype)
-        loss_fn = functools.partial(gpt.loss_fn, cfg=cfg)
 
         def step(params, state, tokens):
             loss, grads = jax.value_and_grad(loss_fn)(params, *split(tokens))
@@ -153,39 +197,69 @@ def make_trainer(name: str, cfg: gpt.GPTConfig, params32: Any, schedule: Any) ->
         return Trainer(name, params, inner.init(params), jax.jit(step),
                        jax.jit(lambda p, t: loss_fn(p, *split(t))))
 
-    # scalify: float16 ScaledArray weights (data near unit RMS, `as_scaled_array` unit-scales
-    # each leaf) and Adam state stored as float16 ScaledArrays.
-    params = sfy.as_scaled_array(params32, dtype=jnp.float16)
-    opt = sfy.optim.scaled_state(inner, dtype=jnp.float16)
-    # Dynamic rescaling at every matmul: `sfy.fp8.autocast` brings the data of each matmul's
-    # output gradient to unit RMS (the norm moving into the power-of-two scale, one
-    # reduction) before its float8 cast; with float16 "casts" (no-ops on float16 data) it
-    # is that rescaling alone. Without it, scales propagated statically drift from the
-    # data's true magnitude in the backward pass: the loss is a mean, so its gradient
-    # enters as a plain 1/N and the gradients' data start ~N times below 1 (small entries
-    # flush to zero), and a per-block renormalisation instead lets the softmax backward
-    # multiply data far above 1 (peaked attention) until float16 overflows, after ~140
-    # steps of the default run (see README, "Training recipe").
-    loss_fn = functools.partial(gpt.loss_fn, cfg=cfg)
+    if name == "bf16-mixed":
+        # float32 master weights and optimizer state; the forward and backward passes run
+        # on a bfloat16 copy of the weights, gradients come back to float32 through the cast.
+        loss16 = functools.partial(mixed_loss, dtype=jnp.bfloat16)
+
+        def step(params, state, tokens):
+            loss, grads = jax.value_and_grad(loss16)(params, *split(tokens))
+            updates, state = inner.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        return Trainer(name, params32, inner.init(params32), jax.jit(step),
+                       jax.jit(lambda p, t: loss16(p, *split(t))))
+
+    if name == "fp16-loss-scaling":
+        # float16 compute on a copy of float32 master weights; the loss is multiplied by a
+        # dynamic scale so the float16 gradients stay above float16's subnormals, the float32
+        # gradients are divided by it; a non-finite gradient skips the update and halves
+        # the scale, LOSS_SCALE_PERIOD finite steps in a row double it.
+        def scaled_loss(p32, scale, x, y):
+            loss = mixed_loss(p32, x, y, jnp.float16)
+            return loss * scale, loss
+
+        def step(params, state, tokens):
+            opt_state, ls = state
+            (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, ls.scale, *split(tokens))
+            grads = jax.tree.map(lambda g: g / ls.scale, grads)
+            finite = _all_finite(grads)
+            updates, new_opt_state = inner.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            grown = ls.good_steps + 1 >= LOSS_SCALE_PERIOD
+            ls = LossScale(
+                scale=jnp.where(finite, jnp.where(grown, ls.scale * LOSS_SCALE_FACTOR, ls.scale),
+                                jnp.maximum(1.0, ls.scale / LOSS_SCALE_FACTOR)),
+                good_steps=jnp.where(finite & ~grown, ls.good_steps + 1, 0),
+                skipped=ls.skipped + jnp.where(finite, 0, 1))
+            return keep(new_params, params), (keep(new_opt_state, opt_state), ls), loss
+
+        ls0 = LossScale(jnp.float32(LOSS_SCALE_INIT), jnp.int32(0), jnp.int32(0))
+        return Trainer(name, params32, (inner.init(params32), ls0), jax.jit(step),
+                       jax.jit(lambda p, t: scaled_loss(p, 1.0, *split(t))[1]),
+                       info=lambda state: {"loss_scale": float(state[1].scale),
+                                           "skipped_steps": int(state[1].skipped)})
+
+    # scalify: float16 ScaledArray weights (`as_scaled_array` gives each leaf a power-of-two
+    # scale near its RMS, so the data starts near unit RMS) and optimizer state stored as
+    # float16 ScaledArrays. No recipe: the step is the float32 one, scalified.
     if name == "scalify-fp16":
-        loss_fn = sfy.fp8.autocast(loss_fn, fwd_dtype=jnp.float16, bwd_dtype=jnp.float16)
+        loss = loss_fn
     elif name == "scalify-fp8":
-        loss_fn = sfy.fp8.autocast(loss_fn)  # every matmul in float8: E4M3 fwd, E5M2 grads
+        loss = sfy.fp8.autocast(loss_fn)  # every matmul in float8: E4M3 fwd, E5M2 grads
     else:
         raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
+    params = sfy.as_scaled_array(params32, dtype=jnp.float16)
+    opt = sfy.optim.scaled_state(inner, dtype=jnp.float16)
 
     def step(params, state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, *split(tokens))
+        value, grads = jax.value_and_grad(loss)(params, *split(tokens))
         updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        # Keep the weights' data at unit RMS: p + u takes the larger of the two scales, so
-        # an update with a loose scale (e.g. the exactly-zero first update of a warmup from
-        # lr = 0) would otherwise leave the weights' data far below 1 from then on.
-        params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)
-        return params, state, loss, grads
+        return optax.apply_updates(params, updates), state, value, grads
 
     return Trainer(name, params, opt.init(params), jax.jit(sfy.scalify(step)),
-                   jax.jit(sfy.scalify(lambda p, t: loss_fn(p, *split(t)))), returns_grads=True,
+                   jax.jit(sfy.scalify(lambda p, t: loss(p, *split(t)))), returns_grads=True,
                    traced_step=lambda: jax.jit(sfy.scalify(step)))
 
 
@@ -245,15 +319,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         int(preset["eval_batches"]))]
     warmup = max(1, steps // 20)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 10)
-    params32 = gpt.init_params(jax.random.PRNGKey(args.seed), cfg)
+    model = models.build(args.model, cfg, seed=args.seed)
+    params32 = model.params
     n_params = int(sum(x.size for x in jax.tree.leaves(params32)))
     print(f"machine: {machine_name()}")
-    print(f"model: d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} seq={cfg.seq_len} "
+    print(f"model: {args.model} d_model={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} seq={cfg.seq_len} "
           f"vocab={cfg.vocab} ({n_params / 1e6:.2f}M params); batch {batch}, {steps} steps, "
-          f"adam lr {lr:g} (warmup {warmup}, cosine); corpus {len(train_ids):,} train / "
+          f"{models.optimizer_name(args.model)} lr {lr:g} (warmup {warmup}, cosine); corpus {len(train_ids):,} train / "
           f"{len(val_ids):,} validation chars ({args.data or 'Python stdlib source'})")
 
-    trainers = {c: make_trainer(c, cfg, params32, schedule) for c in configs}
+    inner = models.optimizer(args.model, schedule)
+    trainers = {c: make_trainer(c, model, inner) for c in configs}
     rec: Dict[str, Dict[str, Any]] = {
         c: {"train": [], "val": [], "step_s": [], "compile_s": None, "nonfinite_step": None,
             "state_bytes": tree_bytes(t.state), "params_bytes": tree_bytes(t.params)}
@@ -318,7 +394,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         bar.update(i + 1, shown)
 
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
-    results = summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup)
+    for name, t in trainers.items():
+        if t.info is not None:
+            rec[name]["info"] = t.info(t.state)
+    results = summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup,
+                        model.description)
     results["telemetry"]["first_nonfinite_plain_float16"] = rec.get("float16", {}).get("nonfinite_step")
     print_table(results)
     out = args.out
@@ -332,7 +412,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup):
+def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup,
+              description=""):
     steps = int(preset["steps"])
     tail = max(1, steps // 10)
     runs: Dict[str, Any] = {}
@@ -349,6 +430,7 @@ def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, tel
             "first_step_s": r["compile_s"],
             "state_bytes": r["state_bytes"],
             "params_bytes": r["params_bytes"],
+            **r.get("info", {}),
             "train_curve": [float(x) for x in train],
             "val_curve": [[int(s), float(v)] for s, v in r["val"]],
         }
@@ -357,6 +439,8 @@ def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, tel
         for key, rkey in (("val_ratio", "final_val_loss"), ("train_ratio", "final_train_loss"),
                           ("step_time_ratio", "step_ms"), ("state_bytes_ratio", "state_bytes")):
             r[key] = (r[rkey] / ref[rkey]) if ref and ref[rkey] else float("nan")
+        total = r["params_bytes"] + r["state_bytes"]
+        r["total_bytes_ratio"] = total / (ref["params_bytes"] + ref["state_bytes"]) if ref else float("nan")
     telemetry: Dict[str, Any] = {"config": telemetry_config}
     if cap is not None:
         # Non-finite values among the recorded weights, gradients and optimizer state (the
@@ -381,10 +465,11 @@ def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, tel
         "platform": jax.devices()[0].platform,
         "jax": jax.__version__,
         "preset": args.preset,
-        "model": {**dataclasses.asdict(cfg), "n_params": n_params},
+        "model": {**dataclasses.asdict(cfg), "n_params": n_params, "family": args.model,
+                  "description": description},
         "training": {"steps": steps, "batch": int(preset["batch"]), "lr": float(preset["lr"]),
                      "warmup": warmup, "schedule": "linear warmup from 0, cosine decay to lr/10",
-                     "optimizer": "optax.adam", "seed": args.seed,
+                     "optimizer": models.optimizer_name(args.model), "seed": args.seed,
                      "final_train_loss": f"mean of the last {tail} steps",
                      "validation": f"{preset['eval_batches']} fixed batches of {preset['eval_batch']} "
                                    f"x {cfg.seq_len} held-out tokens",
@@ -417,6 +502,10 @@ def print_table(results: Dict[str, Any]) -> None:
     if "float16" in results["runs"]:
         s = results["runs"]["float16"]["nonfinite_step"]
         print("plain float16: " + ("loss stayed finite" if s is None else f"loss non-finite from step {s}"))
+    if "fp16-loss-scaling" in results["runs"]:
+        r = results["runs"]["fp16-loss-scaling"]
+        print(f"fp16-loss-scaling: final loss scale {r.get('loss_scale', float('nan')):g}, "
+              f"{r.get('skipped_steps', 0)} updates skipped")
 
 
 # --------------------------------------------------------------------------------------
@@ -424,6 +513,7 @@ def print_table(results: Dict[str, Any]) -> None:
 
 
 COLORS = {"float32": "black", "bfloat16": "tab:orange", "float16": "tab:red",
+          "bf16-mixed": "tab:brown", "fp16-loss-scaling": "tab:purple",
           "scalify-fp16": "tab:blue", "scalify-fp8": "tab:green"}
 
 
@@ -485,15 +575,16 @@ def write_plots(args, results, cap, telemetry_config) -> None:
         lo, top = min(finals), max(finals)
         span = max(top - lo, 0.02 * lo)
         ax2.set_ylim(lo - 0.5 * span, top + 4 * span)
-    fig.suptitle(f"char-GPT d={m['d_model']} L={m['n_layers']} ({m['n_params'] / 1e6:.2f}M params), "
+    fig.suptitle(f"char-LM {m.get('family', 'gpt')} d={m['d_model']} L={m['n_layers']} ({m['n_params'] / 1e6:.2f}M params), "
                  f"{steps} steps — {results['device']}", fontsize=10)
     fig.tight_layout()
-    loss_png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "train_gpt_loss.png")
+    stem = os.path.splitext(os.path.abspath(args.out))[0]
+    loss_png = stem + "_loss.png"
     fig.savefig(loss_png, dpi=100)
     plt.close(fig)
     print(f"wrote {loss_png}")
     if cap is not None and cap.records:
-        scales_png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "train_gpt_scales.png")
+        scales_png = stem + "_scales.png"
         taps = any(r.kind == "activation" for r in cap.records)
         sfy.telemetry.plot_scales(cap, scales_png, title=(
             f"{telemetry_config}: distribution over tensors of log2(scale), every "
@@ -508,6 +599,8 @@ def write_plots(args, results, cap, telemetry_config) -> None:
 def parse_args(argv: Any = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", choices=models.FAMILIES, default="gpt",
+                   help="model family (benchmarks/models.py); default: gpt, benchmarks/gpt.py")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--quick", action="store_true", help="a few steps of a tiny model (for tests)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
@@ -528,19 +621,21 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
                         "presets, 3 for gpt2-small)")
     p.add_argument("--no-telemetry", action="store_true")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/train_gpt.json; "
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train_gpt.json, "
+                                 "train_gpt_<model>.json for --model other than gpt; "
                                  "--quick: a temporary directory's)")
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "quick"
         args.max_chars = min(args.max_chars, 200_000)
     if args.out is None:
+        fname = "train_gpt.json" if args.model == "gpt" else f"train_gpt_{args.model}.json"
         if args.quick:
             import tempfile
 
-            args.out = os.path.join(tempfile.mkdtemp(prefix="train_gpt_"), "train_gpt.json")
+            args.out = os.path.join(tempfile.mkdtemp(prefix="train_gpt_"), fname)
         else:
-            args.out = os.path.join(RESULTS, "train_gpt.json")
+            args.out = os.path.join(RESULTS, fname)
     return args
 
 

@@ -35,17 +35,14 @@ def load_digits_split(seed: int = 0, images: bool = False):
     return (x[idx[n_test:]], y[idx[n_test:]]), (x[idx[:n_test]], y[idx[:n_test]])
 
 
-def make_train_step(loss: Callable, opt: optax.GradientTransformation, scalified: bool) -> Callable:
-    """``(params, state, *batch) -> (params, state, loss)``: value_and_grad, the optax
-    update and, for scalified runs, weight data rescaled to unit RMS (the norm moves
-    into the power-of-two scale). Not jitted."""
+def make_train_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
+    """``(params, state, *batch) -> (params, state, loss)``: value_and_grad and the optax
+    update, the same step for float32 and for scalify (no rescaling recipe). Not jitted."""
 
     def step(params, state, *batch):
         value, grads = jax.value_and_grad(loss)(params, *batch)
         updates, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-        if scalified:
-            params = jax.tree.map(sfy.ops.dynamic_rescale_l2, params)
         return params, state, value
 
     return step

@@ -51,10 +51,10 @@ def loss_fn(params, x, y):
 def make_step(scalified: bool, lr: float):
     if not scalified:
         opt = optax.adam(lr)
-        return opt, jax.jit(make_train_step(loss_fn, opt, scalified=False))
+        return opt, jax.jit(make_train_step(loss_fn, opt))
     opt = sfy.optim.scaled_state(optax.adam(lr), dtype=jnp.float16)
     loss = sfy.fp8.autocast(loss_fn, conv=True)
-    return opt, jax.jit(sfy.scalify(make_train_step(loss, opt, scalified=True)))
+    return opt, jax.jit(sfy.scalify(make_train_step(loss, opt)))
 
 
 def train(scalified: bool, steps: int, batch: int = 128, lr: float = 3e-3, seed: int = 0):

@@ -107,7 +107,7 @@ def train(scalified: bool, steps: int, batch: int = 16, seq: int = 64, lr: float
     else:
         opt, loss = optax.adam(schedule), loss_fn
 
-    step = make_train_step(loss, opt, scalified)
+    step = make_train_step(loss, opt)
     step = jax.jit(sfy.scalify(step) if scalified else step)
     evaluate = jax.jit(sfy.scalify(loss) if scalified else loss)
     state = opt.init(params)

@@ -144,10 +144,11 @@ class Capture:
                 "kind": first.kind, "count": int(first.nonfinite)}
 
     def log2_scales(self, kind: Optional[str] = None) -> Dict[int, np.ndarray]:
-        """Per step, the log2 scales of all recorded tensors (optionally of one kind)."""
+        """Per step, the log2 scales of all recorded tensors (optionally of one kind).
+        All-zero tensors (scale 0: no magnitude, log2 of -inf) are left out."""
         out: Dict[int, List[float]] = {}
         for r in self.records:
-            if kind is None or r.kind == kind:
+            if (kind is None or r.kind == kind) and np.isfinite(r.log2_scale):
                 out.setdefault(r.step, []).append(r.log2_scale)
         return {k: np.asarray(v) for k, v in sorted(out.items())}
 
