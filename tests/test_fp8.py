@@ -123,7 +123,7 @@ def test_gpt_step_all_products_float8():
     params = init_gpt(CFG)
     tok = np.zeros((2, CFG.seq_len), np.int32)
     n_fwd = count_eqns(jax.make_jaxpr(gpt_loss)(params, tok, tok).jaxpr, "dot_general")
-    step = jax.jit(sfy.scalify(jax.value_and_grad(fp8.autocast(gpt_loss))))
+    step = jax.jit(sfy.scalify(jax.value_and_grad(fp8.autocast(gpt_loss, keep_output=False))))
     lowered = step.lower(sfy.as_scaled_array(params), tok, tok)
     assert n_fwd == 7  # head + (qkv, logits, probs @ v, out, mlp in, mlp out) in the scan
     report = fp8.matmul_report(lowered, expect_fp8="all", raise_on_fallback=True)
@@ -159,6 +159,23 @@ def test_keep_excludes_chosen_products_and_report_raises():
     fp8.matmul_report(lowered, expect_fp8=not_head, raise_on_fallback=True)
 
 
+def test_keep_output_keeps_only_the_output_projection():
+    """By default the output projection (the head: its result reaches the loss through
+    no other matmul) keeps its precision, forward and backward; every other product is
+    float8. A function that is only its output projection runs it in float8."""
+    params = init_gpt(CFG)
+    tok = np.zeros((2, CFG.seq_len), np.int32)
+    lowered = jax.jit(sfy.scalify(jax.value_and_grad(fp8.autocast(gpt_loss)))).lower(
+        sfy.as_scaled_array(params), tok, tok)
+    report = fp8.matmul_report(lowered)
+    wide = [e for e in report.entries if not e.fp8]
+    assert len(wide) == 3 and report.fp8_count == 18, str(report)
+    assert all(CFG.vocab in (*e.lhs_shape, *e.rhs_shape, *e.out_shape) for e in wide), str(report)
+    x, w = np.ones((8, 16), np.float32), np.ones((16, 4), np.float32)
+    single = fp8.matmul_report(jax.jit(jax.grad(fp8.autocast(lambda x, w: jnp.sum(x @ w)))).lower(x, w))
+    assert single.fp8_count == len(single.entries) >= 1, str(single)
+
+
 def test_keep_names_flax_module_path():
     import flax.linen as nn
 
@@ -181,14 +198,14 @@ def test_keep_names_flax_module_path():
         seen.append(info.name)
         return fp8.keep_names("head")(info)
 
-    lowered = jax.jit(jax.grad(fp8.autocast(loss, keep=keep))).lower(variables, x)
+    lowered = jax.jit(jax.grad(fp8.autocast(loss, keep=keep, keep_output=False))).lower(variables, x)
     report = fp8.matmul_report(lowered)
     assert any(s.endswith("head") for s in seen) and any(s.endswith("body") for s in seen), seen
     # body: forward and d(weight) in float8 (no d(input)); head: forward, d(weight) and
     # d(input) kept in float32.
     assert report.fp8_count == 2 and len(report.entries) == 5, str(report)
     # String shorthand: the same as keep_names.
-    lowered = jax.jit(jax.grad(fp8.autocast(loss, keep="head"))).lower(variables, x)
+    lowered = jax.jit(jax.grad(fp8.autocast(loss, keep="head", keep_output=False))).lower(variables, x)
     assert fp8.matmul_report(lowered).fp8_count == 2
 
 
@@ -292,7 +309,7 @@ def test_composes_with_jit_remat_cond_and_vmap():
 
     x = normal((8, 32), 1)
     w = normal((32, 32), 2, 1 / 6)
-    grad = jax.jit(sfy.scalify(jax.grad(fp8.autocast(loss), argnums=(0, 1))))
+    grad = jax.jit(sfy.scalify(jax.grad(fp8.autocast(loss, keep_output=False), argnums=(0, 1))))
     args = (sfy.as_scaled_array(x), sfy.as_scaled_array(w), True)
     report = fp8.matmul_report(grad.lower(*args), expect_fp8="all", raise_on_fallback=True)
     assert report.fp8_count >= 8, str(report)  # 3 forward (+ cond's other branch) + 6 backward
@@ -313,7 +330,7 @@ def test_equinox_mlp():
         m = eqx.combine(params, static)
         return jnp.mean(jax.vmap(m)(x) ** 2)
 
-    grad = jax.jit(sfy.scalify(jax.grad(fp8.autocast(loss))))
+    grad = jax.jit(sfy.scalify(jax.grad(fp8.autocast(loss, keep_output=False))))
     sparams = sfy.as_scaled_array(params)
     report = fp8.matmul_report(grad.lower(sparams, x), expect_fp8="all", raise_on_fallback=True)
     assert report.fp8_count == 3 + 5, str(report)  # 3 forward; d(first layer input) unused

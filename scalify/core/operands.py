@@ -81,12 +81,13 @@ def cast(x: Any, dtype: Any) -> Any:
 
 
 def saturating_cast(x: Any, dtype: Any) -> Any:
-    """``cast(x, dtype)``, saturating to the format's largest finite value for float8
-    formats (E4M3FN has no infinity: an overflowing cast would give NaN)."""
+    """``cast(x, dtype)``, saturating finite values to the format's largest finite value
+    for float8 formats (E4M3FN has no infinity: an overflowing cast would give NaN);
+    infinities and NaN are cast as they are, so that they stay visible."""
     dtype = np.dtype(dtype)
     if dtype.itemsize == 1 and is_float_dtype(dtype):
         big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
+        x = jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x)
     return cast(x, dtype)
 
 
@@ -589,7 +590,7 @@ def guard_band(dtype: Any) -> Tuple[float, float, int]:
     return 2.0**-4, 2.0 ** (top - 4), t
 
 
-def fit_to_format(data: Any, scale: Any, dtype: Any) -> ScaledArray:
+def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False) -> ScaledArray:
     """``ScaledArray(data cast to dtype, scale)``, range-guarded for narrow formats.
 
     ``data`` is a rule's result in the compute dtype (float32) at the rule's static
@@ -600,6 +601,10 @@ def fit_to_format(data: Any, scale: Any, dtype: Any) -> ScaledArray:
     is finite whenever its float32 value is and inside the scale range. An all-zero
     result gets scale 0 (the zero tensor); inf/NaN data keep the static scale (they stay
     visible). Wide formats (bfloat16, float32) are cast as they are.
+
+    With ``spread`` the max-abs is always moved to ``[hi/2, hi)``, the top of the band:
+    for results that gather elements of operands at very different scales (a selection),
+    whose small elements need all the format's range below the largest.
     """
     dtype = np.dtype(dtype)
     if not (is_narrow(dtype) and get_config().range_guard) or np.ndim(data) == 0 and is_static(data):
@@ -608,6 +613,9 @@ def fit_to_format(data: Any, scale: Any, dtype: Any) -> ScaledArray:
     cd = compute_dtype(dtype)
     data = cast(data, cd)
     lo, hi, t = guard_band(dtype)
+    if spread:
+        t = int(np.log2(hi)) - 1
+        lo = hi = 0.0  # no band: always rescaled
     a = jax.lax.stop_gradient(jax.lax.reduce_max(jax.lax.abs(data), tuple(range(data.ndim))))
     a = cast(a, np.float32)
     m, inv = _guard_factor(a, np.float32(lo), np.float32(hi), t)

@@ -284,31 +284,45 @@ def _aligned(xs: Any, dtype: Any = None) -> Tuple[Any, list]:
     return s, [as_jax(in_scale(x, s, dtype)) for x in xs]
 
 
+def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None) -> ScaledArray:
+    """A selection among ``xs`` (max, min, clamp, select_n) at their largest scale.
+
+    With one traced scale (``max(x, 0)``, a ``-inf`` mask fill beside ``x``) the data are
+    aligned in ``dtype`` and selected: each output element is an input element, exact.
+    With several distinct traced scales the data are aligned and selected in float32 and
+    the result's max-abs is put at the top of the format's band (`fit_to_format` with
+    ``spread``: float16 data up to 2**11), leaving the format's whole range below it to
+    the smaller elements: one selected from an operand far below the largest scale
+    (``where(p, 1e14, 6e4)``) would flush to zero in float16 at unit scale, and ``max``'s
+    derivative, which compares the output with each operand, would then lose it."""
+    scales = [scale_of(x) for x in xs if not is_static(x)]
+    mixed = len({id(s) for s in scales if s is not None}) > 1
+    s, data = _aligned(xs, compute_dtype(dtype) if mixed else dtype)
+    operands = data if pred is None else [as_jax(pred), *data]
+    out = prim.bind(*operands, **params)
+    return fit_to_format(out, s, dtype, spread=True) if mixed else ScaledArray(out, s)
+
+
 @register_scaled_op(lax.max_p)
 def max_(x: Any, y: Any, **params: Any) -> ScaledArray:
-    """``max(x, y)`` at the larger scale (overflow-safe; values of the smaller-scale
-    operand far below it may round to zero). Scale-free constants (``max(x, 0)``,
-    ``max(x, -inf)``) keep ``x``'s scale."""
-    dtype = out_dtype(x, y)
-    s, (a, b) = _aligned((x, y), dtype)
-    return ScaledArray(lax.max_p.bind(a, b, **params), s)
+    """``max(x, y)`` at the larger scale; operands of distinct traced scales are selected
+    in float32 and range-guarded, so a value far below the larger scale is kept
+    (`_select`). Scale-free constants (``max(x, 0)``, ``max(x, -inf)``) keep ``x``'s
+    scale."""
+    return _select(lax.max_p, (x, y), out_dtype(x, y), params)
 
 
 @register_scaled_op(lax.min_p)
 def min_(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``min(x, y)``, scaled as `max`."""
-    dtype = out_dtype(x, y)
-    s, (a, b) = _aligned((x, y), dtype)
-    return ScaledArray(lax.min_p.bind(a, b, **params), s)
+    return _select(lax.min_p, (x, y), out_dtype(x, y), params)
 
 
 @register_scaled_op(lax.clamp_p)
 def clamp(lo: Any, x: Any, hi: Any, **params: Any) -> ScaledArray:
     """``clamp(lo, x, hi)`` with the three operands aligned to the largest scale
     (scale-free bounds such as 0 or inf ignored), as `max`."""
-    dtype = out_dtype(x, lo, hi)
-    s, (a, b, c) = _aligned((lo, x, hi), dtype)
-    return ScaledArray(lax.clamp_p.bind(a, b, c, **params), s)
+    return _select(lax.clamp_p, (lo, x, hi), out_dtype(x, lo, hi), params)
 
 
 @register_scaled_op(lax.select_n_p)
@@ -319,9 +333,7 @@ def select_n(pred: Any, *cases: Any, **params: Any) -> Any:
     c = static_uniform_value(pred)
     if c is not None:
         return cases[int(c)]
-    dtype = out_dtype(*cases)
-    s, data = _aligned(cases, dtype)
-    return ScaledArray(lax.select_n_p.bind(as_jax(pred), *data, **params), s)
+    return _select(lax.select_n_p, cases, out_dtype(*cases), params, pred=pred)
 
 
 def _aligned_low(*xs: Any) -> list:
