@@ -185,29 +185,28 @@ def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
     def split(tokens: Any):
         return tokens[:, :-1], tokens[:, 1:]
 
+    def optax_step(loss: Callable) -> Callable:
+        """``(params, state, tokens) -> (params, state, loss)``: the plain optax step."""
+
+        def step(params, state, tokens):
+            value, grads = jax.value_and_grad(loss)(params, *split(tokens))
+            updates, state = inner.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+        return step
+
     if name in ("float32", "bfloat16", "float16"):
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
         params = _cast_tree(params32, dtype)
 
-        def step(params, state, tokens):
-            loss, grads = jax.value_and_grad(loss_fn)(params, *split(tokens))
-            updates, state = inner.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        return Trainer(name, params, inner.init(params), jax.jit(step),
+        return Trainer(name, params, inner.init(params), jax.jit(optax_step(loss_fn)),
                        jax.jit(lambda p, t: loss_fn(p, *split(t))))
 
     if name == "bf16-mixed":
         # float32 master weights and optimizer state; the forward and backward passes run
         # on a bfloat16 copy of the weights, gradients come back to float32 through the cast.
         loss16 = functools.partial(mixed_loss, dtype=jnp.bfloat16)
-
-        def step(params, state, tokens):
-            loss, grads = jax.value_and_grad(loss16)(params, *split(tokens))
-            updates, state = inner.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        return Trainer(name, params32, inner.init(params32), jax.jit(step),
+        return Trainer(name, params32, inner.init(params32), jax.jit(optax_step(loss16)),
                        jax.jit(lambda p, t: loss16(p, *split(t))))
 
     if name == "fp16-loss-scaling":

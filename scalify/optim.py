@@ -276,9 +276,7 @@ def _unit_pack(x: Any, dtype: Any) -> ScaledArray:
     scaled rules expect. The scale is ``pow2_round_down(max-abs)`` (1 for 0/inf/NaN)."""
     x = jnp.asarray(x)
     x = x.astype(_cdtype(x))
-    amax = _amax(x)
-    s = pow2_round_down(jnp.maximum(amax, _TINY))
-    s = jnp.where((amax > 0) & jnp.isfinite(s), s, np.float32(1))
+    s = _unit_ratio(_amax(x))
     return ScaledArray(_saturating_cast(x / s.astype(x.dtype), dtype), s)
 
 

@@ -169,11 +169,9 @@ def scaled_array(data: Any, scale: Any, dtype: Any = None, npapi: Any = None) ->
         scale = npapi.asarray(scale)
     else:
         scale = npapi.asarray(scale, dtype=np.float32)
-    if npapi is np:
-        scale = scale.astype(np.float32) if scale.dtype.itemsize < 4 else scale
-        if np.shape(scale) != () or not (np.isfinite(scale) and scale >= 0):
-            raise ValueError(f"ScaledArray scale must be a finite scalar >= 0, got {scale}.")
-    _check_concrete_scale(scale)
+    if npapi is np and scale.dtype.itemsize < 4:
+        scale = scale.astype(np.float32)
+    _check_concrete_scale(scale)  # NumPy scales: the constructor checks them
     return ScaledArray(data, scale)
 
 
