@@ -28,8 +28,10 @@ __all__ = ["debug_callback", "debug_callback_grad", "debug_print", "debug_print_
 
 
 def _primitive_of(fn: Callable[[Any], None]) -> Any:
-    """The primitive a JAX debug function binds, found by tracing it (public API only)."""
-    jaxpr = jax.make_jaxpr(fn)(jnp.zeros((), jnp.float32)).jaxpr
+    """The primitive a JAX debug function binds, found by tracing it (public API only).
+    Traced on an abstract value: importing scalify must not start a backend (a later
+    ``jax.distributed.initialize`` would refuse to run)."""
+    jaxpr = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((), jnp.float32)).jaxpr
     return jaxpr.eqns[0].primitive
 
 
