@@ -249,7 +249,7 @@ MODEL_CONFIGS = ("bf16-mixed", "fp16-loss-scaling", "scalify-fp16", "scalify-fp8
 
 def _model_files(results_dir: str) -> List[str]:
     names = sorted(f for f in os.listdir(results_dir)
-                   if f.startswith("train_gpt_") and f.endswith(".json"))
+                   if f.startswith("train_gpt_") and f.endswith(".json") and not f.endswith("_mesh.json"))
     return (["train_gpt.json"] if os.path.exists(os.path.join(results_dir, "train_gpt.json")) else []) + names
 
 

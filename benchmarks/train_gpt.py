@@ -7,6 +7,21 @@ plain bfloat16/float16, and with scalify (float16, float8).
     python benchmarks/train_gpt.py --quick                # a few steps of a tiny model (tests)
     python benchmarks/train_gpt.py --data FILE            # any text file instead of the stdlib corpus
 
+Scaling out (benchmarks/mesh.py; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=8
+gives 8 devices):
+
+    python benchmarks/train_gpt.py --mesh data=4,model=2  # FSDP over data x tensor parallel over model
+    python benchmarks/train_gpt.py --mesh data=4,model=2 --processes 2   # 2 processes x 4 devices
+    python benchmarks/train_gpt.py --ckpt-dir DIR --ckpt-every 50 [--resume]  # async orbax checkpoints
+
+With ``--processes N`` the script starts N copies of itself on this machine, joined by
+`jax.distributed` (CPU collectives); on a cluster, run one copy per host with
+``--coordinator HOST0:PORT --num-processes N --process-id I`` (the mesh spans every
+host's devices). ``--ckpt-dir`` saves the params and optimizer state of every
+configuration every ``--ckpt-every`` steps without stopping training
+(`scalify.checkpoint.CheckpointManager`); ``--resume`` continues a run from its newest
+complete checkpoint, with the same losses as a run never interrupted.
+
 Models (benchmarks/models.py, all with the same shape options):
 
   gpt      benchmarks/gpt.py in plain JAX (pre-LN blocks scanned with `lax.scan`, causal
@@ -62,6 +77,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
@@ -80,6 +96,7 @@ import scalify.telemetry  # noqa: E402,F401
 
 import data  # noqa: E402
 import gpt  # noqa: E402
+import mesh as mesh_lib  # noqa: E402
 import models  # noqa: E402
 import readme_tables  # noqa: E402
 
@@ -132,7 +149,8 @@ def tree_bytes(tree: Any) -> int:
 
 
 def as_float(x: Any) -> float:
-    return float(np.asarray(sfy.asarray(x, dtype=jnp.float32)))
+    """A scalar (ScaledArray or array, replicated over a mesh or processes) as a float."""
+    return float(mesh_lib.host_value(sfy.asarray(x, dtype=jnp.float32)))
 
 
 # --------------------------------------------------------------------------------------
@@ -144,11 +162,12 @@ class Trainer:
     name: str
     params: Any
     state: Any
-    step: Callable  # (params, state, tokens) -> (params, state, loss[, grads])
-    evaluate: Callable  # (params, tokens) -> loss
+    step: Callable  # (params, state, tokens) -> (params, state, loss[, grads]), jitted
+    evaluate: Callable  # (params, tokens) -> loss, jitted
     returns_grads: bool = False
     traced_step: Optional[Callable] = None  # builds a fresh jitted step (telemetry taps)
     info: Optional[Callable] = None  # state -> extra JSON fields of the run (loss scale)
+    shardings: Any = None  # (params, state) NamedShardings on a mesh run, else None
 
 
 def _cast_tree(tree: Any, dtype: Any) -> Any:
@@ -170,9 +189,34 @@ def _all_finite(tree: Any) -> Any:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
-    """The training step of one configuration (see the module docstring) for a model family
-    (`models.build`: float32 params, ``loss_fn``, ``apply``) and its optax optimizer."""
+def make_trainer(name: str, model: "models.Model", inner: Any, mesh: Any = None) -> Trainer:
+    """The jitted training step of one configuration (see the module docstring) for a model
+    family (`models.build`: float32 params, ``loss_fn``, ``apply``) and its optax optimizer.
+
+    With a ``mesh`` (benchmarks/mesh.py), params and optimizer state are placed with
+    their `NamedSharding`s (FSDP over ``data``, tensor parallel over ``model``, scales
+    replicated) and the step hands them back with the same shardings."""
+    t = _make_step(name, model, inner)
+    raw_step, raw_eval = t.step, t.evaluate
+    out_shardings = None
+    if mesh is not None:
+        specs = mesh_lib.specs_by_path(model.family, model.params, mesh)
+        shardings = (mesh_lib.tree_shardings(t.params, specs, mesh),
+                     mesh_lib.tree_shardings(t.state, specs, mesh))
+        t.params, t.state = mesh_lib.place(t.params, shardings[0]), mesh_lib.place(t.state, shardings[1])
+        t.shardings = shardings
+        out_shardings = (*shardings, mesh_lib.NamedSharding(mesh, mesh_lib.P()), None)
+        if not t.returns_grads:
+            out_shardings = out_shardings[:3]
+    t.step = jax.jit(raw_step, out_shardings=out_shardings)
+    t.evaluate = jax.jit(raw_eval)
+    if t.returns_grads:
+        t.traced_step = lambda: jax.jit(raw_step, out_shardings=out_shardings)
+    return t
+
+
+def _make_step(name: str, model: "models.Model", inner: Any) -> Trainer:
+    """`make_trainer` before jit and placement: the Trainer holds the plain step function."""
     loss_fn, params32 = model.loss_fn, model.params
 
     def mixed_loss(p32, x, y, dtype):
@@ -199,15 +243,15 @@ def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
         params = _cast_tree(params32, dtype)
 
-        return Trainer(name, params, inner.init(params), jax.jit(optax_step(loss_fn)),
-                       jax.jit(lambda p, t: loss_fn(p, *split(t))))
+        return Trainer(name, params, inner.init(params), optax_step(loss_fn),
+                       lambda p, t: loss_fn(p, *split(t)))
 
     if name == "bf16-mixed":
         # float32 master weights and optimizer state; the forward and backward passes run
         # on a bfloat16 copy of the weights, gradients come back to float32 through the cast.
         loss16 = functools.partial(mixed_loss, dtype=jnp.bfloat16)
-        return Trainer(name, params32, inner.init(params32), jax.jit(optax_step(loss16)),
-                       jax.jit(lambda p, t: loss16(p, *split(t))))
+        return Trainer(name, params32, inner.init(params32), optax_step(loss16),
+                       lambda p, t: loss16(p, *split(t)))
 
     if name == "fp16-loss-scaling":
         # float16 compute on a copy of float32 master weights; the loss is multiplied by a
@@ -235,8 +279,8 @@ def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
             return keep(new_params, params), (keep(new_opt_state, opt_state), ls), loss
 
         ls0 = LossScale(jnp.float32(LOSS_SCALE_INIT), jnp.int32(0), jnp.int32(0))
-        return Trainer(name, params32, (inner.init(params32), ls0), jax.jit(step),
-                       jax.jit(lambda p, t: scaled_loss(p, 1.0, *split(t))[1]),
+        return Trainer(name, params32, (inner.init(params32), ls0), step,
+                       lambda p, t: scaled_loss(p, 1.0, *split(t))[1],
                        info=lambda state: {"loss_scale": float(state[1].scale),
                                            "skipped_steps": int(state[1].skipped)})
 
@@ -257,9 +301,8 @@ def make_trainer(name: str, model: "models.Model", inner: Any) -> Trainer:
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value, grads
 
-    return Trainer(name, params, opt.init(params), jax.jit(sfy.scalify(step)),
-                   jax.jit(sfy.scalify(lambda p, t: loss(p, *split(t)))), returns_grads=True,
-                   traced_step=lambda: jax.jit(sfy.scalify(step)))
+    return Trainer(name, params, opt.init(params), sfy.scalify(step),
+                   sfy.scalify(lambda p, t: loss(p, *split(t))), returns_grads=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -311,9 +354,22 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.no_telemetry:
         telemetry_config = None
 
+    mesh = None
+    if args.mesh:
+        sizes = mesh_lib.parse_mesh(args.mesh)
+        mesh = mesh_lib.make_mesh(sizes)
+        for k in ("batch", "eval_batch"):
+            if int(preset[k]) % sizes["data"]:
+                raise SystemExit(f"--mesh {args.mesh}: the {k.replace('_', ' ')} size {preset[k]} must divide "
+                                 f"by data={sizes['data']}")
+
+    def put(tokens: np.ndarray) -> Any:
+        """A host batch on the devices: split over the mesh's ``data`` axis on a mesh run."""
+        return jnp.asarray(tokens) if mesh is None else mesh_lib.place(tokens, mesh_lib.batch_sharding(mesh))
+
     cpu0, wall0 = time.process_time(), time.perf_counter()
     train_ids, val_ids = data.load_corpus(args.data, max_chars=args.max_chars)
-    val_batches = [jnp.asarray(b) for b in itertools.islice(
+    val_batches = [put(b) for b in itertools.islice(
         data.batches(val_ids, int(preset["eval_batch"]), cfg.seq_len, seed=args.seed + 1),
         int(preset["eval_batches"]))]
     warmup = max(1, steps // 20)
@@ -328,7 +384,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
           f"{len(val_ids):,} validation chars ({args.data or 'Python stdlib source'})")
 
     inner = models.optimizer(args.model, schedule)
-    trainers = {c: make_trainer(c, model, inner) for c in configs}
+    if mesh is not None:
+        print(f"mesh: data={mesh.shape['data']} model={mesh.shape['model']} over {jax.device_count()} devices, "
+              f"{jax.process_count()} process(es); FSDP over data, tensor parallel over model")
+    trainers = {c: make_trainer(c, model, inner, mesh) for c in configs}
     rec: Dict[str, Dict[str, Any]] = {
         c: {"train": [], "val": [], "step_s": [], "compile_s": None, "nonfinite_step": None,
             "state_bytes": tree_bytes(t.state), "params_bytes": tree_bytes(t.params)}
@@ -350,10 +409,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         return float(np.mean([as_float(t.evaluate(t.params, b)) for b in val_batches]))
 
     batches = data.batches(train_ids, batch, cfg.seq_len, seed=args.seed)
-    bar = Progress(steps)
     active = list(configs)
-    for i in range(steps):
-        tokens = jnp.asarray(next(batches))
+    ckpt, start = None, 0
+    if args.ckpt_dir:
+        # Every --ckpt-every steps, the params and optimizer state of every configuration
+        # are saved asynchronously (scalify.checkpoint, orbax); the losses so far go beside
+        # them. --resume continues from the newest complete checkpoint.
+        ckpt = sfy.checkpoint.CheckpointManager(args.ckpt_dir, max_to_keep=2)
+        if args.resume and ckpt.latest_step() is None:
+            print(f"no complete checkpoint in {args.ckpt_dir}: starting from step 0")
+        if args.resume and ckpt.latest_step() is not None:
+            start = ckpt.latest_step()
+            restored = ckpt.restore({n: {"params": t.params, "state": t.state} for n, t in trainers.items()},
+                                    step=start)
+            for n, t in trainers.items():
+                t.params, t.state = restored[n]["params"], restored[n]["state"]
+            with open(_record_path(args.ckpt_dir, start)) as f:
+                saved = json.load(f)
+            rec, active = saved["rec"], saved["active"]
+            for _ in range(start):  # the batches the checkpointed steps consumed
+                next(batches)
+            print(f"resumed from {args.ckpt_dir} at step {start}")
+    bar = Progress(steps)
+    for i in range(start, steps):
+        tokens = put(next(batches))
         for name in list(active):
             t = trainers[name]
             fn = t.step
@@ -368,7 +447,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             out = fn(t.params, t.state, tokens)
             jax.block_until_ready(out)
             dt = time.perf_counter() - t0
-            if i == 0:
+            if i == start:
                 rec[name]["compile_s"] = dt
             elif fn is t.step:
                 rec[name]["step_s"].append(dt)
@@ -391,6 +470,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 rec[name]["val"].append((i + 1, evaluate(name)))
         shown = " ".join(f"{n.replace('scalify-', 's-')} {rec[n]['train'][-1]:.3f}" for n in configs)
         bar.update(i + 1, shown)
+        if ckpt is not None and (i + 1) % args.ckpt_every == 0:
+            if jax.process_index() == 0:
+                _write_json(_record_path(args.ckpt_dir, i + 1), {"rec": rec, "active": active})
+            ckpt.save(i + 1, {n: {"params": t.params, "state": t.state} for n, t in trainers.items()})
+            if jax.process_index() == 0:  # the loss records of checkpoints orbax has dropped
+                kept = set(ckpt.all_steps()) | {i + 1}
+                for f in os.listdir(args.ckpt_dir):
+                    if f.startswith("losses_") and f.endswith(".json") and int(f[7:-5]) not in kept:
+                        os.remove(os.path.join(args.ckpt_dir, f))
+            if args.crash_during_save == i + 1:  # tests: die while the save is being written
+                os.kill(os.getpid(), signal.SIGKILL)
+    if ckpt is not None:
+        ckpt.close()  # waits for the last save
 
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     for name, t in trainers.items():
@@ -409,6 +501,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     print(f"wrote {out}")
     print(f"time: {results['cpu_s']:.0f} s CPU, {results['wall_s']:.0f} s wall")
     return results
+
+
+def _record_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"losses_{step}.json")
+
+
+def _write_json(path: str, value: Any) -> None:
+    """Write ``value`` to ``path`` atomically (a temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
 
 
 def summarise(args, cfg, preset, rec, configs, n_params, cpu_s, wall_s, cap, telemetry_config, warmup,
@@ -619,16 +724,39 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
                         "host callbacks, which takes 1-2 min to compile on CPU; default: 0 on CPU "
                         "presets, 3 for gpt2-small)")
     p.add_argument("--no-telemetry", action="store_true")
+    p.add_argument("--mesh", help="shard over a device mesh, e.g. data=4,model=2: FSDP over data, tensor "
+                                  "parallel over model (benchmarks/mesh.py); on CPU, get N devices with "
+                                  "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run as this many processes on this machine (jax.distributed, CPU collectives), "
+                        "each with an equal share of the --mesh devices")
+    p.add_argument("--coordinator", help="host:port of process 0 for jax.distributed.initialize (one "
+                                         "process per host on a cluster; with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--ckpt-dir", help="save params and optimizer state here (scalify.checkpoint, orbax, "
+                                      "asynchronous) every --ckpt-every steps")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --ckpt-dir (same arguments)")
+    p.add_argument("--crash-during-save", type=int, help=argparse.SUPPRESS)  # tests: SIGKILL at that save
+    p.add_argument("--process-id", type=int)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train_gpt.json, "
-                                 "train_gpt_<model>.json for --model other than gpt; "
+                                 "train_gpt_<model>.json for --model other than gpt, "
+                                 "with _mesh before .json for --mesh; "
                                  "--quick: a temporary directory's)")
     args = p.parse_args(argv)
+    if (args.resume or args.crash_during_save) and not args.ckpt_dir:
+        p.error("--resume needs --ckpt-dir")
+    if args.ckpt_every < 1:
+        p.error("--ckpt-every must be >= 1")
     if args.quick:
         args.preset = "quick"
         args.max_chars = min(args.max_chars, 200_000)
     if args.out is None:
         fname = "train_gpt.json" if args.model == "gpt" else f"train_gpt_{args.model}.json"
+        if args.mesh:  # a sharded run does not overwrite the single-device results
+            fname = fname[:-5] + "_mesh.json"
         if args.quick:
             import tempfile
 
@@ -638,8 +766,59 @@ def parse_args(argv: Any = None) -> argparse.Namespace:
     return args
 
 
+def launch(args: argparse.Namespace, argv: list) -> Dict[str, Any]:
+    """``--processes N``: start N copies of this script on this machine, process i with
+    ``--coordinator 127.0.0.1:PORT --num-processes N --process-id i`` and an Nth of the
+    mesh's devices (CPU devices, via XLA_FLAGS); wait for all; process 0 prints and writes
+    the results."""
+    import socket
+    import subprocess
+
+    n = args.processes
+    if not args.mesh:
+        raise SystemExit("--processes needs --mesh (the global device mesh the processes share)")
+    sizes = mesh_lib.parse_mesh(args.mesh)
+    total = sizes["data"] * sizes["model"]
+    if total % n:
+        raise SystemExit(f"--processes {n}: the mesh's {total} devices do not split into {n} equal shares")
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rest, skip = [], False
+    for a in argv:  # the same arguments, without --processes
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            rest.append(a)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={total // n}"]))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *rest, "--out", args.out,
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                               "--process-id", str(i)], env=env) for i in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"--processes {n}: exit codes {codes}")
+    with open(args.out) as f:
+        return json.load(f)
+
+
 def main(argv: Any = None) -> Dict[str, Any]:
-    return run(parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.processes > 1:
+        return launch(args, argv)
+    if args.coordinator or args.num_processes:
+        # Before anything touches a device: join the other processes (jax.distributed).
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if jax.process_index() != 0:  # one process speaks and writes
+            sys.stdout = open(os.devnull, "w")
+            args.no_plots, args.no_telemetry = True, True
+            args.out = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                    f".process{jax.process_index()}.json")
+        args.no_telemetry = True  # telemetry reads arrays on the host: single-process only
+    return run(args)
 
 
 if __name__ == "__main__":
