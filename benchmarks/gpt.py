@@ -76,21 +76,28 @@ def attention(x: Any, wqkv: Any, wo: Any, n_heads: int) -> Any:
     return jnp.einsum("btd,de->bte", out, wo)
 
 
-def forward(params: Dict[str, Any], tokens: Any, cfg: GPTConfig) -> Any:
+def forward(params: Dict[str, Any], tokens: Any, cfg: GPTConfig, batch_sharding: Any = None) -> Any:
+    """Logits ``(batch, seq, vocab)``. ``batch_sharding`` (a `jax.sharding.Sharding` of the
+    batch dimension, e.g. ``NamedSharding(mesh, P("data"))``) pins the residual stream to
+    it, as FSDP wants: otherwise XLA's sharding propagation may carry the weights'
+    FSDP sharding into the activations' feature dimension and all-reduce activations
+    instead of gathering weights."""
+    pin = (lambda x: x) if batch_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding))
     T = tokens.shape[1]
-    x = params["tok_emb"][tokens] + params["pos_emb"][:T]
+    x = pin(params["tok_emb"][tokens] + params["pos_emb"][:T])
 
     def block(x, p):
-        x = x + attention(layer_norm(x, p["ln1_g"], p["ln1_b"]), p["wqkv"], p["wo"], cfg.n_heads)
+        x = pin(x + attention(layer_norm(x, p["ln1_g"], p["ln1_b"]), p["wqkv"], p["wo"], cfg.n_heads))
         h = jax.nn.gelu(jnp.einsum("btd,df->btf", layer_norm(x, p["ln2_g"], p["ln2_b"]), p["w1"]))
-        return x + jnp.einsum("btf,fd->btd", h, p["w2"]), None
+        return pin(x + jnp.einsum("btf,fd->btd", h, p["w2"])), None
 
     x, _ = jax.lax.scan(block, x, params["blocks"])
-    x = layer_norm(x, params["lnf_g"], params["lnf_b"])
+    x = pin(layer_norm(x, params["lnf_g"], params["lnf_b"]))
     return jnp.einsum("btd,dv->btv", x, params["head"])
 
 
-def loss_fn(params: Dict[str, Any], tokens: Any, targets: Any, cfg: GPTConfig) -> Any:
+def loss_fn(params: Dict[str, Any], tokens: Any, targets: Any, cfg: GPTConfig, batch_sharding: Any = None) -> Any:
     """Mean next-token cross-entropy."""
-    logp = jax.nn.log_softmax(forward(params, tokens, cfg), axis=-1)
+    logp = jax.nn.log_softmax(forward(params, tokens, cfg, batch_sharding), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

@@ -281,14 +281,14 @@ def build_equinox(cfg: GPTConfig, seed: int) -> Model:
 # The plain-JAX GPT of benchmarks/gpt.py
 
 
-def build_gpt(cfg: GPTConfig, seed: int) -> Model:
+def build_gpt(cfg: GPTConfig, seed: int, batch_sharding: Any = None) -> Model:
     params = gpt.init_params(jax.random.PRNGKey(seed), cfg)
 
     def apply(params: Any, tokens: Any) -> Any:
-        return gpt.forward(params, tokens, cfg)
+        return gpt.forward(params, tokens, cfg, batch_sharding)
 
     def loss_fn(params: Any, tokens: Any, targets: Any) -> Any:
-        return gpt.loss_fn(params, tokens, targets, cfg)
+        return gpt.loss_fn(params, tokens, targets, cfg, batch_sharding)
 
     return Model("gpt", cfg, params, loss_fn, apply, "plain-JAX GPT (benchmarks/gpt.py): lax.scan over "
                  "pre-LN blocks")
@@ -299,10 +299,15 @@ BUILDERS: Dict[str, Callable[[GPTConfig, int], Model]] = {
 }
 
 
-def build(family: str, cfg: GPTConfig, seed: int = 0) -> Model:
-    """The float32 parameters and the pure loss of one family (see the module docstring)."""
+def build(family: str, cfg: GPTConfig, seed: int = 0, batch_sharding: Any = None) -> Model:
+    """The float32 parameters and the pure loss of one family (see the module docstring).
+    ``batch_sharding`` (sharded runs) pins the plain-JAX GPT's residual stream to the
+    batch sharding (`gpt.forward`); the library models leave their activations to XLA's
+    sharding propagation."""
     if family not in BUILDERS:
         raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+    if family == "gpt":
+        return build_gpt(cfg, seed, batch_sharding)
     return BUILDERS[family](cfg, seed)
 
 

@@ -374,7 +374,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         int(preset["eval_batches"]))]
     warmup = max(1, steps // 20)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 10)
-    model = models.build(args.model, cfg, seed=args.seed)
+    model = models.build(args.model, cfg, seed=args.seed,
+                         batch_sharding=None if mesh is None else mesh_lib.NamedSharding(mesh, mesh_lib.P("data")))
     params32 = model.params
     n_params = int(sum(x.size for x in jax.tree.leaves(params32)))
     print(f"machine: {machine_name()}")

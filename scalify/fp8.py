@@ -202,7 +202,11 @@ def _dot_fwd(spec: _DotSpec, x: Any, y: Any) -> Tuple[Any, Tuple[Any, Any]]:
     # wants and pads dimensions to multiples of 16. When it cannot, it silently turns
     # the dot into a float16 one (TurnF8DotIntoF16Dot): `matmul_report` catches that.
     # Inside scalify the data are float8 and the scale stays outside, so the program is
-    # exactly dot(f8, f8) -> f32 times a power-of-two constant (the fan-in factor).
+    # exactly dot(f8, f8) -> f32 times a power-of-two constant (the fan-in factor) for a
+    # float32 result, and dot(f8, f8) -> bf16 for a narrower one (float16 data): float32
+    # accumulation inside the GEMM, half the bytes out of it, which is also the dtype in
+    # which XLA's SPMD partitioner sums a sharded contraction's partial results
+    # (scalify.rules.linalg._reduction_dtype).
     x8 = _cast(x, spec.fwd_dtype, spec.rescale == "all")
     y8 = _cast(y, spec.fwd_dtype, spec.rescale == "all")
     out = lax.dot_general(

@@ -9,21 +9,33 @@ therefore stays near unit variance (unit scaling), and every scale stays a power
 Inside scalify, a float32 result's division is left to the next rule (`Rescaled`), so
 that a transpose in between stays foldable into the contraction.
 
+Narrow data (float16, bfloat16, float8 operands and result) leave the contraction in a
+narrow dtype, float32 accumulation staying inside it (`_reduction_dtype`): XLA's SPMD
+partitioner sums a sharded contraction's partial results (every weight gradient under
+data parallelism or FSDP) in the dot's output dtype, so this is what gradient
+all-reduces and reduce-scatters move. float16 results get the division by
+``pow2(sqrt(K))`` and a measured headroom before the dot, so that no partial sum can
+overflow (`_narrow_contraction`); float8 products leave in bfloat16 (float32's range).
+
 `scaled_dot_general` is the building block: the ``dot_general`` rule calls it, and so can
 a policy that first casts the operands' data to float8 (a real float8 ``dot_general``
 with float32 accumulation, which XLA lowers to an FP8 GEMM on hardware that has one).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
-from scalify.core.pow2 import pow2_round
+from scalify.core.config import get_config
+from scalify.core.datatype import is_float_dtype
+from scalify.core.operands import as_jax, cast, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
+from scalify.core.pow2 import exp2_int, exponent, pow2_round
 from scalify.core.registry import Deferred, register_scaled_op
 
 # Used by the solver/decomposition rules at the end of this module.
@@ -100,6 +112,9 @@ def _scaled_contraction(
     scale = scale_mul(lhs.scale, rhs.scale)
     if factor != 1:
         scale = scale_mul(scale, factor)
+    red = _reduction_dtype(lhs.dtype, rhs.dtype, out_type)
+    if red is not None:
+        return _narrow_contraction(ld, rd, contract, k, factor, scale, np.dtype(out_type), red)
     same = {np.dtype(lhs.dtype), np.dtype(rhs.dtype), np.dtype(out_type)} == {acc_dtype}
     if deferred and factor != 1 and same:
         return Rescaled(contract(ld, rd, acc_dtype), factor, out_type, scale)
@@ -122,6 +137,134 @@ def _scaled_contraction(
             acc = lax.mul(acc, np.asarray(1 / factor, acc.dtype))
         return fit_to_format(acc, scale, out_type)
     return ScaledArray(_rescale(acc, factor, out_type), scale)
+
+
+_F16, _BF16, _F32 = np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32)
+
+# A contraction whose data are float16 leaves the dot with a bound on its size: the prescale
+# keeps every partial sum (on each device of a sharded contraction, and their sum) at most
+# 2**_HEADROOM_EXP, half of float16's largest power of two.
+_HEADROOM_EXP = 15
+
+
+def _reduction_dtype(a: Any, b: Any, out: Any) -> Optional[np.dtype]:
+    """The dtype in which a contraction of narrow data leaves the ``dot_general`` (None: the
+    wide path, float32 accumulation output then rounding).
+
+    Why it matters: XLA's SPMD partitioner computes a contraction over a sharded dimension
+    (every weight gradient under data parallelism: the batch is contracted) as one partial
+    contraction per device and sums the partial results across devices in the *output*
+    dtype of the ``dot_general``, before any conversion that follows it. A float32 output
+    then moves twice the bytes of a bfloat16 program's gradients. So narrow data are
+    contracted with float32 accumulation *inside* the dot but a narrow output:
+
+    - float16 output with a float16/bfloat16 operand: float16, the operand prescaled so
+      that no partial sum overflows (`_narrow_contraction`);
+    - otherwise (bfloat16 output; float8 x float8 operands; float8 output): bfloat16,
+      which has float32's exponent range, so nothing overflows where float32 does not;
+      its 8 bits of precision are below the error of float8 operands.
+    """
+    dts = [np.dtype(a), np.dtype(b), np.dtype(out)]
+    if not all(is_float_dtype(d) and d.itemsize <= 2 for d in dts):
+        return None
+    if dts[2] == _F16 and any(d.itemsize == 2 for d in dts[:2]):
+        return _F16
+    return _BF16
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _headroom(ma: Any, mb: Any, c: int) -> Tuple[Any, Any]:
+    """``(e, 1/e)``: the power of two ``e <= 1`` that keeps ``K * ma * mb * e / factor``
+    (a bound on every partial sum of the prescaled contraction) at most 2**_HEADROOM_EXP,
+    from the operands' max-abs ``ma``, ``mb`` (float32 scalars) and ``c =
+    ceil(log2(K / factor))``. Exponent arithmetic (exact, no overflow): ``ma < 2**(ea+1)``.
+    1 for a zero operand or a non-finite max-abs (inf/NaN stay visible)."""
+    ea, eb = exponent(ma), exponent(mb)
+    k = jax.lax.sub(np.int32(_HEADROOM_EXP - 2 - c), jax.lax.add(ea, eb))
+    k = jax.lax.clamp(np.int32(-100), k, np.int32(0))  # e / factor stays a normal float32
+    finite = jax.lax.bitwise_and(jax.lax.lt(ea, np.int32(128)), jax.lax.lt(eb, np.int32(128)))
+    k = jax.lax.select(finite, k, np.int32(0))
+    return exp2_int(k, np.float32), exp2_int(jax.lax.neg(k), np.float32)
+
+
+def _max_abs(x: Any) -> Any:
+    """max |x| as a float32 scalar (exact: a maximum in the data's own dtype), no gradient."""
+    x = jax.lax.stop_gradient(x)
+    m = jax.lax.reduce_max(jax.lax.abs(x), tuple(range(x.ndim)))
+    return cast(m, _F32)
+
+
+def _narrow_contraction(
+    ld: Any, rd: Any, contract: Any, k: int, factor: Any, scale: Any, out_type: np.dtype, red: np.dtype
+) -> ScaledArray:
+    """Contract narrow data with float32 accumulation into a ``red`` output (see
+    `_reduction_dtype`), then divide by ``factor`` and range-guard at the output.
+
+    float16 (``red``): the dot cannot hold a partial sum beyond 65504, so the division
+    by ``factor`` and the guard's headroom are moved *before* it, into one operand:
+    a float16/bfloat16 operand is multiplied by ``e / factor`` (a power of two:
+    exact, in float32 then rounded back, except for elements that become float16
+    subnormals, whose absolute error stays below ``2**-25 * factor / e`` in data units).
+    The *larger* float16/bfloat16 operand is prescaled: in a layer that is the activation
+    (or, in a weight gradient, one of two activations), never the weight, so a weight
+    sharded over devices is gathered as it is stored, once for every product that uses
+    it (a prescaled weight would be gathered once per product: its prescale differs), and
+    on CPU the multiplication fuses into the conversion XLA makes for its float32 dot.
+    With the range guard on, ``e <= 1`` comes from the operands' max-abs
+    (`_headroom`): ``|sum of K products| <= K * max|a| * max|b|``, for every subset of the
+    products too, so no partial sum on any device, nor their sum, exceeds 2**15. ``e < 1``
+    only where the bound (not the result) passes 2**15: a large K with large max-abs
+    (a weight gradient over many tokens, outlier features); the prescaled operand's
+    absolute precision is then ``2**-25 * factor / e`` in data units, below its float16
+    rounding of unit-size elements while ``K * max|a| * max|b| <= 2**28`` or so, and the
+    result's own rounding (float16, at the dot's output) is unchanged.
+    The guard itself then measures the float16 result (after XLA's cross-device sum, if
+    any) at the static scale (``result / e``, in float32) and moves any excess into the
+    scale, as for every narrow result (`fit_to_format`). With the guard off only
+    ``1 / factor`` is moved (as before: a result beyond the static estimate overflows).
+
+    bfloat16 (``red``): no prescale; the division and the guard follow the dot (in
+    float32; for a bfloat16 output, a multiplication by the power of two in bfloat16).
+
+    A factor that is not a power of two (`Pow2RoundMode.NONE`) is split into its power of
+    two (moved before the dot) and a residual in ``[1, 2)`` (divided after it)."""
+    f = float(factor)
+    f2 = float(2.0 ** np.floor(np.log2(f))) if f > 0 else 1.0
+    res = f / f2  # 1 for a power of two
+    guard = is_narrow(out_type) and get_config().range_guard
+    if red == _F16:
+        inv_e: Any = None
+        p: Any = np.float32(1 / f2)
+        if guard:
+            c = int(np.ceil(np.log2(max(k / f2, 1.0))))
+            e, inv_e = _headroom(_max_abs(ld), _max_abs(rd), c)
+            p = jax.lax.mul(e, p)
+        if not (is_static(p) and p == 1):
+            wide = [j for j, x in enumerate((ld, rd)) if np.dtype(x.dtype).itemsize == 2]
+            i = max(wide, key=lambda j: (ld, rd)[j].size)  # the larger (lhs on a tie)
+            x = (ld, rd)[i]
+            x = cast(jax.lax.mul(cast(x, _F32), cast(p, _F32)), x.dtype)
+            ld, rd = (x, rd) if i == 0 else (ld, x)
+        acc = contract(ld, rd, _F16)
+        if not guard:
+            if res != 1:
+                acc = cast(jax.lax.mul(cast(acc, _F32), np.float32(1 / res)), _F16)
+            return ScaledArray(saturating_cast(acc, out_type), scale)
+        data = jax.lax.mul(cast(acc, _F32), inv_e)  # the value at the static scale
+        if res != 1:
+            data = jax.lax.mul(data, np.float32(1 / res))
+        return fit_to_format(data, scale, out_type)
+    acc = contract(ld, rd, red)
+    if out_type == red:
+        if res != 1:  # not a power of two: divide in float32, round once
+            return ScaledArray(cast(jax.lax.mul(cast(acc, _F32), np.float32(1 / f)), red), scale)
+        return ScaledArray(acc if f == 1 else jax.lax.mul(acc, np.asarray(1 / f, red)), scale)
+    data = cast(acc, _F32)
+    if f != 1:
+        data = jax.lax.mul(data, np.float32(1 / f))
+    if guard:
+        return fit_to_format(data, scale, out_type)
+    return ScaledArray(saturating_cast(data, out_type), scale)
 
 
 def _default_out_dtype(a: Any, b: Any) -> np.dtype:
@@ -164,11 +307,14 @@ def scaled_dot_general(
         forwarded to the data's ``dot_general``.
 
     The data are contracted in their own dtypes (float8 data stay float8: a real float8
-    ``dot_general``) with ``preferred_element_type`` float32, so products accumulate in
-    float32 whatever the output dtype. The sum of K products of unit-variance data has
-    variance K, so the accumulator is divided by ``pow2(sqrt(K))`` (exact) before one
-    rounding to the output dtype (saturating for float8 outputs), and the output scale
-    is ``lhs.scale * rhs.scale * pow2(sqrt(K))`` (a product of powers of two). The output
+    ``dot_general``) with float32 accumulation whatever the output dtype. The sum of K
+    products of unit-variance data has variance K, so the accumulator is divided by
+    ``pow2(sqrt(K))`` (exact) and rounded once to the output dtype (saturating for
+    float8 outputs), and the output scale is ``lhs.scale * rhs.scale * pow2(sqrt(K))``
+    (a product of powers of two). When operands and result are all narrower than
+    float32, the ``dot_general`` itself outputs a narrow dtype (``preferred_element_type``
+    float16 or bfloat16, see `_reduction_dtype` and `_narrow_contraction`), so that a
+    contraction XLA splits across devices is summed across them in that dtype. The output
     scale is a float32 number: operand scales whose product leaves float32's range
     (beyond about 2^±126) are out of scope.
     """

@@ -180,7 +180,9 @@ def test_float8_dot_with_float8_output_saturates():
     assert out.dtype == np.dtype(E4M3)
     check(out, data64(a) @ data64(b), E4M3)
     text = jax.jit(sfy.scalify(jnp.matmul)).lower(a, b).as_text()
-    assert re.search(r"dot_general.*tensor<8x64xf8E4M3FN>.*tensor<64x4xf8E4M3FN>.*->\s*tensor<8x4xf32>", text)
+    # float32 accumulation inside the dot, bfloat16 out of it (float32's exponent range at
+    # half the bytes: what XLA's SPMD partitioner sums across devices), then the guard.
+    assert re.search(r"dot_general.*tensor<8x64xf8E4M3FN>.*tensor<64x4xf8E4M3FN>.*->\s*tensor<8x4xbf16>", text)
     ones = scaled(np.full((2, 1024), 448.0), 1.0, E4M3)  # sum 448*1024/32 = 14336 > 448
     out = sfy.scalify(jnp.matmul)(ones, scaled(np.ones((1024, 2)), 1.0, E4M3))
     # Range-guarded: the excess goes into the scale (no saturation, no NaN).
@@ -189,6 +191,46 @@ def test_float8_dot_with_float8_output_saturates():
     with sfy.ScalifyConfig(range_guard=False):  # the static estimate alone saturates
         out = sfy.scalify(jnp.matmul)(ones, scaled(np.ones((1024, 2)), 1.0, E4M3))
     assert np.all(np.asarray(out.data, np.float32) == 448.0)
+
+
+@pytest.mark.parametrize(
+    "lhs,rhs,out,dot_out",
+    [
+        (np.float16, np.float16, None, "f16"),  # prescaled, measured headroom
+        (jnp.bfloat16, jnp.bfloat16, None, "bf16"),
+        (E4M3, E4M3, np.float16, "bf16"),  # float8 products: float32's exponent range
+        (E5M2, E4M3, np.float16, "bf16"),
+        (np.float16, np.float16, np.float32, "f32"),  # a float32 result: as before
+    ],
+)
+def test_narrow_data_leave_the_dot_narrow(lhs, rhs, out, dot_out):
+    """Narrow data are contracted with float32 accumulation into a narrow dot output:
+    XLA's SPMD partitioner sums a sharded contraction's partial results in the dot's
+    output dtype (tests/test_comm_bytes.py), so gradients cross devices at 16 bits."""
+    a, b = scaled(normal(8, 64), 2.0**-7, lhs), scaled(normal(64, 4), 2.0**9, rhs)
+    f = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=out)  # noqa: E731
+    text = jax.jit(sfy.scalify(f)).lower(a, b).as_text()
+    assert re.search(rf"dot_general.*->\s*tensor<8x4x{dot_out}>", text), text
+    out_dtype = np.dtype(out or lhs)
+    for fn in both(f):
+        got = fn(a, b)
+        assert got.dtype == out_dtype and float(got.scale) == 2.0**2 * 8
+        check(got, data64(a) @ data64(b) * 2.0**2, out_dtype if out_dtype.itemsize > 1 else np.float16)
+
+
+def test_float16_partial_sums_cannot_overflow():
+    """Every product 2**20 and K = 4096: the sum, 2**32, and the static estimate's data,
+    2**26, are far beyond float16; the measured headroom divides an operand by more than
+    pow2(sqrt(K)) before the dot, the guard moves the excess into the scale, and the value
+    is exact (and the guard off, as before, the static estimate overflows)."""
+    a = scaled(np.full((2, 4096), 2.0**10), 2.0**-50)
+    b = scaled(np.full((4096, 3), -(2.0**10)), 2.0**-50)
+    out = jax.jit(sfy.scalify(jnp.matmul))(a, b)
+    assert_finite(out)
+    np.testing.assert_array_equal(np.asarray(sfy.asarray(out, dtype=jnp.float32)), np.float32(-(2.0**-68)))
+    with sfy.ScalifyConfig(range_guard=False):
+        out = jax.jit(sfy.scalify(jnp.matmul))(a, b)
+    assert not np.any(np.isfinite(np.asarray(out.data, np.float32)))
 
 
 def test_weight_gradient_transpose_stays_on_the_contraction():
