@@ -297,11 +297,74 @@ def render_train_gpt_models(results_dir: str) -> Optional[str]:
     ])
 
 
+def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
+    header = ["mesh", "config", "weight all-gathers", "gradient reductions", "tensor-parallel reductions",
+              "scalar all-reduces (before / after combiner)"]
+    rows = []
+    for mesh, configs in d["runs"].items():
+        ref = configs.get("bfloat16", {}).get("bytes_by_category")
+        for config, r in configs.items():
+            cat = r["bytes_by_category"]
+
+            def cell(key: str) -> str:
+                n = cat[key]
+                if not n:
+                    return "-"
+                dt = "/".join(k for k, _ in sorted(r["category_dtypes"][key].items(), key=lambda kv: -kv[1]))
+                ratio = f" ({n / ref[key]:.2f}x)" if ref and ref.get(key) else ""
+                return f"{fmt_bytes(n)}{ratio} {dt}"
+
+            sc = r["scalar_all_reduces"]
+            rows.append([mesh, config, cell("weight_all_gather"), cell("gradient_reduction"),
+                         cell("tensor_parallel_reduction"),
+                         f"{sc['before_combiner']['runs']} / {sc['after_combiner']['runs']}"])
+    return "\n".join([
+        "### Communication per training step (`benchmarks/comm_bytes.py`)",
+        "",
+        f"Measured on **{d['device']}**, {d['devices']}: the main job's GPT step ({d['preset']} preset), "
+        "as XLA's SPMD partitioner leaves it (read from its HLO dump; XLA's CPU backend later widens "
+        "float8 collectives to float16, so the final CPU program is not the evidence). Bytes per device "
+        f"and step ({d['bytes']}); ratios to bfloat16 on the same mesh; dtypes by share of bytes. "
+        "Weight all-gathers: FSDP gathers over `data`; gradient reductions: all-reduces and "
+        "reduce-scatters of gradients over `data`; tensor-parallel reductions: over `model`; scalar "
+        "all-reduces: one-element reductions (measured scales, the loss), counted per run of the step.",
+        "",
+        _table(header, rows, "llrrrr"),
+    ])
+
+
+def render_scale_out(d: Dict[str, Any], results_dir: str) -> str:
+    configs = list(d["runs"][0]["configs"])
+    header = ["run", "command"] + [f"{c}: max loss diff / step time" for c in configs]
+    rows = []
+    for r in d["runs"]:
+        cells = []
+        for c in configs:
+            v = r["configs"][c]
+            diff = "identical" if v["identical_losses"] else f"{v['max_rel_loss_diff']:.1e}"
+            cells.append(f"{diff} / {_ratio(v['step_time_vs_1_device'])}")
+        rows.append([r["run"], f"`{r['command']}`"] + cells)
+    m = d["model"]
+    return "\n".join([
+        "### Scaling out: one device, meshes, processes (`benchmarks/scale_out.py`)",
+        "",
+        f"Measured on **{d['device']}**. The main job (d_model={m['d_model']}, {m['n_layers']} layers), "
+        f"{d['steps']} steps per run; each cell: the largest relative difference of a step's training loss "
+        "from the single-device run's, and the median step time over the single-device run's (on CPU "
+        "the 8 devices share the same cores: this is the cost of the partitioned program and its "
+        "collectives, not a speed-up).",
+        "",
+        _table(header, rows, "ll" + "r" * len(configs)),
+    ])
+
+
 RENDERERS: List[tuple] = [
     ("train_gpt.json", render_train_gpt),
     ("overhead.json", render_overhead),
     ("optimizer_memory.json", render_optimizer_memory),
     ("fp8_matmul.json", render_fp8_matmul),
+    ("scale_out.json", render_scale_out),
+    ("comm_bytes.json", render_comm_bytes),
 ]
 
 
