@@ -16,9 +16,10 @@ The interpreter knows no primitive by name. For each equation it:
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
 
 A rule may return a `Deferred` value (a scan's output whose scale varies per step, a
-float32 contraction whose division is pending) that only rules registered
-``takes_deferred`` for its kind read as it is; the interpreter materialises it as a
-ScaledArray for any other rule, for observers and at the end of every jaxpr.
+float32 contraction whose division is pending, an elementwise result not rounded to its
+narrow dtype yet) that only rules registered ``takes_deferred`` for its kind read as it
+is; the interpreter materialises it as a ScaledArray for any other rule, for observers
+and at the end of every jaxpr.
 """
 from __future__ import annotations
 
@@ -322,7 +323,8 @@ def _read_materialised(x: Deferred, readers: Sequence[tuple]) -> bool:
 def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
 
-    A `Deferred` result of a kind marked ``eager`` is materialised at once when some reader will take it materialised anyway: its other
+    A `Deferred` result of a kind marked ``eager`` (`scalify.core.operands.Wide`) is
+    materialised at once when some reader will take it materialised anyway: its other
     readers then share that ScaledArray rather than computing on from the deferred form
     beside it."""
     env: dict = {}
