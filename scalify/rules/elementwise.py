@@ -872,6 +872,16 @@ def _narrowing(new: np.dtype, old: np.dtype) -> bool:
     return is_float_dtype(new) and is_narrow(new) and float(jnp.finfo(new).max) < float(jnp.finfo(old).max)
 
 
+def _places(sharding: Any) -> bool:
+    """Whether a cast's ``sharding`` parameter places its result on mesh axes (JAX also
+    passes a sharding over the empty mesh, which places nothing): such a cast is done
+    on materialised data as written."""
+    if sharding is None:
+        return False
+    mesh = getattr(sharding, "mesh", None)
+    return mesh is None or bool(getattr(mesh, "axis_names", True))
+
+
 def _convert_wide(x: Wide, new: np.dtype) -> Any:
     """`convert_element_type` of a `Wide` value to the float dtype ``new``, or None
     when it must be materialised first (see `convert_element_type`)."""
@@ -908,7 +918,7 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     value with a float8 target, and casts to integers and bool, are materialised first:
     those roundings happen as written."""
     new = np.dtype(new_dtype)
-    placed = params.get("sharding") is not None  # a cast that also places its result
+    placed = _places(params.get("sharding"))
     if isinstance(x, Wide):
         out = None if placed else _convert_wide(x, new)
         if out is not None:
