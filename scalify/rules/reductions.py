@@ -81,21 +81,23 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     if measured:
         normalised = wide and not _fits_mean_square(x, n, total.size)
         m, inv_m = _pow2_rms_normalised(total) if normalised else _pow2_rms(total)
-        data, scale = lax.mul(total, inv_m), scale_mul(x.scale, cast(m, scale_dtype()))
+        data = lax.mul(total, inv_m)
         if deferring(x.dtype):
             hi = int(np.ceil(np.log2(max(total.size, 1)) / 2)) + 1
+            scale = scale_mul(x.scale, cast(m, scale_dtype()))
             return Wide(data, scale, x.dtype, False, hi, format_bounds(x.dtype)[1])
-        return ScaledArray(saturating_cast(data, x.dtype), scale)
+        return ScaledArray(saturating_cast(data, x.dtype), scale_mul(x.scale, cast(m, scale_dtype())))
     factor = pow2_round(np.sqrt(np.asarray(max(n, 1), scale_dtype())))
-    scale = x.scale
     if factor != 1:
         total = lax.mul(total, np.asarray(1 / factor, cd))
-        scale = scale_mul(x.scale, factor)
     if deferring(x.dtype):
         hi, lo = (x.hi, x.lo) if isinstance(x, Wide) else format_bounds(x.dtype)
         bounds = (hi + int(np.ceil(np.log2(max(n, 1)))), lo - int(np.log2(float(factor))))
+        scale = scale_mul(x.scale, factor) if factor != 1 else x.scale
         return wide_result(total, scale, x.dtype, needs_guard(x), bounds)
-    return ScaledArray(saturating_cast(total, x.dtype), scale)
+    if factor != 1:
+        return ScaledArray(saturating_cast(total, x.dtype), scale_mul(x.scale, factor))
+    return ScaledArray(saturating_cast(total, x.dtype), x.scale)
 
 
 def _fits_sum(x: Wide, n: int) -> bool:
