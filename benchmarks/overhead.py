@@ -131,7 +131,9 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     null = contextlib.nullcontext
     variants = {"jax": (step, plain_args, null), "scalify": (sfy.scalify(step), scaled_args, null),
                 # the same without the range guard, to show what the guard costs
-                "unguarded": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(range_guard=False))}
+                "unguarded": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(range_guard=False)),
+                # the same with every rule's result rounded (and guarded) at once
+                "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False))}
     if decompose:
         variants["static-scales"] = (with_static_scales(step), plain_args, null)
         variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
@@ -146,7 +148,7 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
             res[name]["compile"].append(time.perf_counter() - t0)
     # Traces are short (a fraction of a second) and noisy: more from-scratch samples.
     for _ in range(max(trace_rounds - rounds, 0)):
-        for name in ("jax", "scalify"):
+        for name in ("jax", "scalify", "undeferred"):
             fn, args, context = variants[name]
             res[name]["trace"].append(_fresh_trace(fn, args, context)[1])
     for name, (fn, args, _) in variants.items():  # warm up
@@ -158,7 +160,8 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
     ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
     out: Dict[str, Any] = {"median_s": med, "ratio": ratios,
-                           "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")}}
+                           "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")},
+                           "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")}}
     if decompose:
         out["decomposition"] = {
             name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}
@@ -195,6 +198,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
                   f"scalify {r['median_s']['scalify']['run'] * 1e3:.2f} ms")
             u = r["ratio_unguarded"]
             print(f"  {'no range guard':<14}{'':>10}{u['compile']:>9.2f}x{u['run']:>9.2f}x")
+            u = r["ratio_undeferred"]
+            print(f"  {'no deferral':<14}{u['trace']:>9.2f}x{u['compile']:>9.2f}x{u['run']:>9.2f}x")
             for part, p in r.get("decomposition", {}).items():
                 print(f"  {part:<14}{'':>10}{p['compile']:>9.2f}x{p['run']:>9.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -143,7 +143,11 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         run_ms = ""
         if "jax" in med and "scalify" in med:
             run_ms = f"{med['jax']['run'] * 1e3:.2f} / {med['scalify']['run'] * 1e3:.2f}"
-        rows.append([name, _ratio(r.get("trace")), _ratio(r.get("compile")), _ratio(r.get("run")), run_ms])
+        row = [name, _ratio(r.get("trace")), _ratio(r.get("compile")), _ratio(r.get("run")), run_ms]
+        if "ratio_undeferred" in c:  # the same step without deferred rounding, and unguarded
+            u, g = c["ratio_undeferred"], c.get("ratio_unguarded", {})
+            row += [_ratio(u.get("trace")), _ratio(u.get("compile")), _ratio(u.get("run")), _ratio(g.get("run"))]
+        rows.append(row)
         dec = c.get("decomposition")
         if dec:
             parts.append([name] + [_ratio(x.get("compile")) for x in (r, dec["static-scales"], dec["static-sums"])]
@@ -155,7 +159,10 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         "scalify / plain JAX. On a shared 2-core machine the trace and compile ratios of "
         "repeated runs differ by up to about 0.3.",
         "",
-        _table(["case", "trace", "compile", "run", "run ms (jax / scalify)"], rows),
+        _table(["case", "trace", "compile", "run", "run ms (jax / scalify)"]
+               + (["trace, no deferral", "compile, no deferral", "run, no deferral", "run, no guard"]
+                  if all(len(r) > 5 for r in rows) else []),
+               [r if all(len(r) > 5 for r in rows) else r[:5] for r in rows]),
         "",
         "Where the compile time goes: XLA's CPU backend spends tens of milliseconds on each "
         "distinct kernel. Left to itself, XLA copies each tensor's scale arithmetic into every "

@@ -9,12 +9,14 @@ ScaledArray.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import jax.extend.core.primitives as P
 
 import scalify  # noqa: F401  (registers the rules)
-from scalify.core.registry import registered_primitives
+from scalify.core.operands import Wide
+from scalify.core.registry import deferred_kinds, registered_primitives
 
 # Primitives that never receive float data, so scale propagation does not apply.
 NOT_FLOAT = {
@@ -72,6 +74,19 @@ def _range(rule) -> str:
     return "guarded" if "range-guarded" in (rule.__doc__ or "").lower() else "static"
 
 
+def _rounding(prim, rule) -> str:
+    """How the rule rounds float16/float8 results (`ScalifyConfig(defer_rounding=True)`):
+    *deferred*: it reads an elementwise chain's float32 result (`Wide`) and hands its own
+    on in float32; *reads float32*: it reads a chain's float32 result but rounds its own
+    at once; *at once*: its operands are rounded first and so is its result."""
+    if not any(issubclass(Wide, k) for k in deferred_kinds(prim)):
+        return "at once"
+    doc = " ".join((rule.__doc__ or "").split())
+    if re.search(r"on in float32 \(`Wide`|stays Wide", doc):
+        return "deferred"
+    return "reads float32"
+
+
 def render() -> str:
     rules = registered_primitives()
     prims = _primitives()
@@ -81,9 +96,10 @@ def render() -> str:
             never.append(f"`{name}` ({NOT_FLOAT[name]})")
             continue
         if prim in rules:
-            rows.append(f"| `{name}` | yes | {_range(rules[prim])} | {_remark(rules[prim])} |")
+            rows.append(f"| `{name}` | yes | {_range(rules[prim])} | {_rounding(prim, rules[prim])}"
+                        f" | {_remark(rules[prim])} |")
         else:
-            unsupported.append(f"| `{name}` | no | - | {REASONS.get(name, 'not yet')} |")
+            unsupported.append(f"| `{name}` | no | - | - | {REASONS.get(name, 'not yet')} |")
     relevant = len(rows) + len(unsupported)
     extra = sorted(p.name for p in rules if p.name not in prims)
     lines = [
@@ -106,8 +122,18 @@ def render() -> str:
         " selection, sums of two terms, bounded functions) or the scale is measured anyway"
         " (sums over 16 or more elements); the rule's docstring says which.",
         "",
-        "| primitive | scaled rule | range | remark |",
-        "| --- | --- | --- | --- |",
+        "**Rounding** of float16 and float8 results (`ScalifyConfig(defer_rounding=True)`,"
+        " the default). *deferred*: the rule reads an elementwise chain's unrounded float32"
+        " result and hands its own on in float32 at its static scale; the chain is rounded,"
+        " and range-guarded if one of its rules is *guarded*, once, where a rule that is not"
+        " *deferred*, or the function's output, reads it (one max-abs per chain instead of one"
+        " per guarded rule; static bounds on the float32 data materialise a chain before it"
+        " could over- or underflow float32). *reads float32*: the rule reads a chain's float32"
+        " result but rounds (and guards) its own at once. *at once*: operands are rounded"
+        " first, and so is the result.",
+        "",
+        "| primitive | scaled rule | range | rounding | remark |",
+        "| --- | --- | --- | --- | --- |",
         *rows,
         *unsupported,
         "",

@@ -60,12 +60,22 @@ class ScalifyConfig:
         scale takes the excess (`scalify.core.operands.fit_to_format`). True by
         default; False keeps the static unit-scaling estimates only (data can then
         overflow where float32 would not).
+      defer_rounding: let chains of elementwise rules with float16/float8 results hand
+        their float32 results on to the next elementwise rule, unrounded and unguarded,
+        and round (and range-guard, where a rule of the chain needed it) once, where a
+        rule that is not elementwise, or the function's output, reads the value
+        (`scalify.core.operands.Wide`). A layer norm or a GELU then measures one max-abs
+        instead of one per product, and its intermediate values keep float32 precision,
+        as XLA's excess precision does in plain float16 JAX. A static bound on each
+        value's data keeps float32 from over- or underflowing inside a chain. True by
+        default; False rounds and guards every rule's result at once.
     """
 
     rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
     scale_dtype: Any = np.float32
     scales_computed_once: bool = True
     range_guard: bool = True
+    defer_rounding: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounding_mode, Pow2RoundMode):
@@ -78,6 +88,8 @@ class ScalifyConfig:
         object.__setattr__(self, "scale_dtype", dtype)
         if not isinstance(self.range_guard, bool):
             raise TypeError(f"ScalifyConfig.range_guard must be a bool, got {self.range_guard!r}.")
+        if not isinstance(self.defer_rounding, bool):
+            raise TypeError(f"ScalifyConfig.defer_rounding must be a bool, got {self.defer_rounding!r}.")
         if not isinstance(self.scales_computed_once, bool):
             raise TypeError(
                 f"ScalifyConfig.scales_computed_once must be a bool, got {self.scales_computed_once!r}."

@@ -16,9 +16,10 @@ The interpreter knows no primitive by name. For each equation it:
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
 
 A rule may return a `Deferred` value (a scan's output whose scale varies per step, a
-float32 contraction whose division is pending) that only rules registered
-``takes_deferred`` read as it is; the interpreter materialises it as a ScaledArray for
-any other rule, for observers and at the end of every jaxpr.
+float32 contraction whose division is pending, an elementwise result not rounded to its
+narrow dtype yet) that only rules registered ``takes_deferred`` for its kind read as it
+is; the interpreter materialises it as a ScaledArray for any other rule, for observers
+and at the end of every jaxpr.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ from scalify.core.registry import (
     Deferred,
     UnsupportedPrimitiveError,
     argument_checks,
+    deferred_kinds,
     get_scaled_rule,
     get_static_impl,
     is_always_scaled,
-    takes_deferred,
 )
 
 # Folding materialises an equation's result on the host at trace time: above this many
@@ -293,9 +294,41 @@ def materialise(x: Any) -> Any:
     return x.materialise() if isinstance(x, Deferred) else x
 
 
+_READERS: "weakref.WeakKeyDictionary[Jaxpr, dict]" = weakref.WeakKeyDictionary()
+
+
+def _readers(jaxpr: Jaxpr) -> dict:
+    """For each variable of ``jaxpr``, the `Deferred` kinds its readers take as they are:
+    one tuple per reading equation (`deferred_kinds`), ``()`` for a jaxpr output."""
+    known = _READERS.get(jaxpr)
+    if known is None:
+        known = {}
+        for e in jaxpr.eqns:
+            kinds = deferred_kinds(e.primitive)
+            for v in e.invars:
+                if not isinstance(v, Literal):
+                    known.setdefault(v, []).append(kinds)
+        for v in jaxpr.outvars:
+            if not isinstance(v, Literal):
+                known.setdefault(v, []).append(())
+        _READERS[jaxpr] = known
+    return known
+
+
+def _read_materialised(x: Deferred, readers: Sequence[tuple]) -> bool:
+    """True when some reader takes the deferred value ``x`` materialised."""
+    return any(not isinstance(x, kinds) for kinds in readers) if readers else False
+
+
 def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
-    """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules."""
+    """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
+
+    A `Deferred` result of a kind marked ``eager`` (`scalify.core.operands.Wide`) is
+    materialised at once when some reader will take it materialised anyway: its other
+    readers then share that ScaledArray rather than computing on from the deferred form
+    beside it."""
     env: dict = {}
+    readers = _readers(jaxpr)
 
     def read(v: Any) -> Any:
         if isinstance(v, Literal):
@@ -314,14 +347,17 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
         write(v, a)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, Deferred) for x in invals) and not takes_deferred(eqn.primitive):
-            invals = [materialise(x) for x in invals]
+        if any(isinstance(x, Deferred) for x in invals):
+            kinds = deferred_kinds(eqn.primitive)
+            invals = [x if isinstance(x, kinds) else materialise(x) for x in invals]
         outs = eval_equation(eqn, invals)
         if _OBSERVERS:  # observers see ScaledArrays, as users do
             seen_in, seen_out = [materialise(x) for x in invals], [materialise(o) for o in outs]
             for obs in _OBSERVERS:
                 obs(eqn, seen_in, seen_out)
         for v, o in zip(eqn.outvars, outs):
+            if isinstance(o, Deferred) and o.eager and _read_materialised(o, readers.get(v, ())):
+                o = o.materialise()
             write(v, o)
     return [materialise(read(v)) for v in jaxpr.outvars]
 

@@ -35,6 +35,7 @@ import numpy as np
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype  # noqa: F401
 from scalify.core.pow2 import int_dtype, is_static, pow2_floor_and_reciprocal, pow2_reciprocal, pow2_round, pow2_round_down, xnp
+from scalify.core.registry import Deferred
 
 
 def static_uniform_value(x: Any) -> Optional[np.generic]:
@@ -119,7 +120,7 @@ scale_max = _scale_binary(np.maximum, jax.lax.max)
 def scale_of(x: Any) -> Any:
     """The scale an operand is read with (None for scale-free constants); a traced plain
     float scalar is read at its power of two (`scalar_scale`)."""
-    if isinstance(x, ScaledArray):
+    if isinstance(x, (ScaledArray, Wide)):
         return x.scale
     if not is_static(x) and np.shape(x) == () and is_float_dtype(x.dtype):
         return scalar_scale(x)
@@ -150,9 +151,12 @@ def scalar_scale(x: Any) -> Any:
 
 
 def promote(x: Any) -> ScaledArray:
-    """Any float operand as a ScaledArray of the same value (ScaledArrays unchanged)."""
+    """Any float operand as a ScaledArray of the same value (ScaledArrays unchanged, a
+    `Wide` value materialised)."""
     if isinstance(x, ScaledArray):
         return x
+    if isinstance(x, Wide):
+        return x.materialise()
     s = scale_of(x)
     s = one() if s is None else s
     return ScaledArray(in_scale(x, s, np.asarray(x).dtype if is_static(x) else x.dtype), s)
@@ -163,9 +167,10 @@ def in_scale(x: Any, scale: Any, dtype: Any = None) -> Any:
 
     ``dtype`` defaults to the compute dtype (float32 or wider). Exact when the ratio of
     scales is a power of two and the result is in range. Static uniform operands become
-    a broadcast constant (cheap in HLO), never an embedded array.
+    a broadcast constant (cheap in HLO), never an embedded array. A `Wide` operand is
+    read from its float32 data (no rounding to its narrow dtype on the way).
     """
-    if isinstance(x, ScaledArray):
+    if isinstance(x, (ScaledArray, Wide)):
         dtype = compute_dtype(x.dtype) if dtype is None else dtype
         ratio = ratio_of(x.scale, scale)
         data = x.data
@@ -590,7 +595,7 @@ def guard_band(dtype: Any) -> Tuple[float, float, int]:
     return 2.0**-4, 2.0 ** (top - 4), t
 
 
-def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False) -> ScaledArray:
+def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False, band: Any = None) -> ScaledArray:
     """``ScaledArray(data cast to dtype, scale)``, range-guarded for narrow formats.
 
     ``data`` is a rule's result in the compute dtype (float32) at the rule's static
@@ -605,14 +610,19 @@ def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False) -> Sc
     With ``spread`` the max-abs is always moved to ``[hi/2, hi)``, the top of the band:
     for results that gather elements of operands at very different scales (a selection),
     whose small elements need all the format's range below the largest.
+
+    ``band`` (default ``dtype``) is the narrow format whose band applies when it is not
+    ``dtype``: a float32 result that is to be guarded as if it were float16 (a `Wide`
+    value converted to float32 before its guard: see `Wide`).
     """
     dtype = np.dtype(dtype)
-    if not (is_narrow(dtype) and get_config().range_guard) or np.ndim(data) == 0 and is_static(data):
+    band = dtype if band is None else np.dtype(band)
+    if not (is_narrow(band) and get_config().range_guard) or np.ndim(data) == 0 and is_static(data):
         return ScaledArray(saturating_cast(as_jax(data), dtype), scale)
     data = as_jax(data)
     cd = compute_dtype(dtype)
     data = cast(data, cd)
-    lo, hi, t = guard_band(dtype)
+    lo, hi, t = guard_band(band)
     if spread:
         t = int(np.log2(hi)) - 1
         lo = hi = 0.0  # no band: always rescaled
@@ -643,3 +653,160 @@ def _guard_factor(a: Any, lo: Any, hi: Any, t: int) -> Tuple[Any, Any]:
     inv = lax.select(keep, one_, exp2_int(lax.neg(k), np.float32))
     zero = lax.eq(a, np.float32(0))
     return lax.select(zero, np.float32(0), m), lax.select(zero, one_, inv)
+
+
+# --------------------------------------------------------------------------------------
+# Deferred narrow rounding: elementwise chains hand on float32 results (`Wide`).
+# --------------------------------------------------------------------------------------
+
+# Limits of a `Wide` value's static data bounds (log2 of magnitudes in units of its
+# scale): float32 holds 2**-126 to 2**128, and the margins cover what the bounds do not
+# count (the final guard's rescaling, rounding of the last float32 operation).
+WIDE_HI = 124
+WIDE_LO = -124
+
+
+class Wide(Deferred):
+    """An elementwise rule's result kept in float32, not yet rounded to its narrow
+    ``dtype`` (float16, float8) nor range-guarded: the value is ``data * scale`` with
+    ``data`` float32 at the rule's static ``scale``.
+
+    Why: rounding every result of an elementwise chain to float16 costs a round trip
+    per rule, and range-guarding every risky one (products, powers, quotients) a max-abs
+    reduction per rule. An elementwise rule registered ``takes_deferred`` reads a Wide
+    operand's float32 data directly and returns a Wide again; any other rule, an
+    observer and the jaxpr's outputs get the materialised ScaledArray (`materialise`):
+    ``fit_to_format(data, scale, dtype)`` when ``guard`` (some rule of the chain needed
+    the range guard), else the plain saturating cast. A layer norm or a GELU then
+    measures one max-abs, not one per product, and its intermediate values keep float32
+    precision (as XLA's excess precision does in plain float16 JAX).
+
+    Safety inside a chain: ``hi`` and ``lo`` are static bounds on ``log2 |data|``:
+    every element is below ``2**hi``, and every non-zero element that is a product,
+    quotient or power of its operands' non-zero elements is at least ``2**lo`` (sums
+    that cancel may go below it, as they do in float32 itself). A materialised narrow
+    operand has its format's bounds (float16: 16 and -24); each rule derives its
+    result's bounds from its operands' (`data_bounds`), and one whose result would leave
+    ``[WIDE_LO, WIDE_HI]`` first materialises its Wide operands (`bounded_operands`):
+    float32 never over- or underflows in a chain where the float32 value itself does
+    not.
+
+    ``band`` is the narrow format whose guard band applies: ``dtype``, except for a
+    guarded chain converted to float32 (`convert_element_type`) whose guard is still to
+    come, so that a ``mean`` of a product (converted to float32 and summed, as
+    ``jnp.mean`` of float16 does) needs no guard at all: the sum measures its scale."""
+
+    eager = True  # materialised at once when some reader will need it anyway
+
+    def __init__(self, data: Any, scale: Any, dtype: Any, guard: bool, hi: int, lo: int,
+                 band: Any = None):
+        self.data, self.scale, self.dtype = data, scale, np.dtype(dtype)
+        self.guard, self.hi, self.lo = bool(guard), int(hi), int(lo)
+        self.band = self.dtype if band is None else np.dtype(band)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.data.shape)
+
+    def _materialise(self) -> ScaledArray:
+        if not self.guard:
+            return ScaledArray(saturating_cast(self.data, self.dtype), self.scale)
+        out = fit_to_format(self.data, self.scale, self.dtype, band=self.band)
+        if out.scale is not self.scale and get_config().scales_computed_once:
+            out = ScaledArray(out.data, computed_once(out.scale))  # as the interpreter does
+        return out
+
+    def with_data(self, data: Any, scale: Any = None) -> "Wide":
+        """The same kind of value (dtype, guard, bounds) with other data: for exact
+        operations that keep the bounds (negation, data movement, selection)."""
+        scale = self.scale if scale is None else scale
+        return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band)
+
+    def map_layout(self, fn: Any) -> "Wide":
+        return self.with_data(fn(self.data))
+
+    def replace_scale(self, scale: Any) -> "Wide":
+        return self.with_data(self.data, scale)
+
+
+def materialised(x: Any) -> Any:
+    """``x``, or the ScaledArray of a `Wide` ``x``."""
+    return x.materialise() if isinstance(x, Wide) else x
+
+
+def deferring(dtype: Any) -> bool:
+    """True when a rule with a result of ``dtype`` returns it `Wide`:
+    `ScalifyConfig.defer_rounding` on and ``dtype`` narrow (float16, float8)."""
+    return get_config().defer_rounding and is_narrow(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def format_bounds(dtype: Any) -> Tuple[int, int]:
+    """``(hi, lo)``: every finite value of ``dtype`` is below ``2**hi`` in magnitude and
+    every non-zero one at least ``2**lo`` (float16: 16, -24; float8 E4M3: 9, -9)."""
+    fi = jnp.finfo(np.dtype(dtype))
+    hi = int(np.ceil(np.log2(float(fi.max))))
+    lo = int(np.floor(np.log2(float(fi.smallest_subnormal))))
+    return hi, lo
+
+
+def data_bounds(x: Any) -> Tuple[int, int]:
+    """``(hi, lo)`` bounds on ``log2 |data|`` of an operand read at `scale_of` (see
+    `Wide`): a Wide value's own; a ScaledArray's or a plain array's format bounds; a
+    static constant's data ``c / pow2(|c|)`` lies in ``[1, 2)``; a traced plain scalar's
+    likewise (its lower bound left at -24 for subnormal scalars)."""
+    if isinstance(x, Wide):
+        return x.hi, x.lo
+    if isinstance(x, ScaledArray):
+        return format_bounds(x.dtype)
+    if is_static(x):
+        if is_scale_free(x):
+            return 0, 0
+        c = static_uniform_value(x)
+        if c is not None:
+            return 1, 0
+        a = np.abs(np.asarray(x, np.float64))
+        a = a[np.isfinite(a) & (a > 0)]
+        if not a.size:
+            return 0, 0
+        s = float(scale_of(x))
+        return 1, int(np.floor(np.log2(a.min() / s)))
+    if np.shape(x) == () and is_float_dtype(x.dtype):
+        return 1, -24
+    return format_bounds(x.dtype)
+
+
+def within_wide_bounds(hi: int, lo: int) -> bool:
+    return hi <= WIDE_HI and lo >= WIDE_LO
+
+
+def bounded_operands(xs: Sequence[Any], bounds: Any) -> Tuple[list, Tuple[int, int]]:
+    """``(xs, (hi, lo))``: the result bounds ``bounds(*operand_bounds)`` of a rule, with
+    the `Wide` operands materialised first when the result would leave the limits
+    (``WIDE_LO``, ``WIDE_HI``) of a float32 chain."""
+    xs = list(xs)
+    b = bounds(*[data_bounds(x) for x in xs])
+    if within_wide_bounds(*b) or not any(isinstance(x, Wide) for x in xs):
+        return xs, b
+    xs = [materialised(x) for x in xs]
+    return xs, bounds(*[data_bounds(x) for x in xs])
+
+
+def needs_guard(*xs: Any) -> bool:
+    """True when an operand is a `Wide` value whose chain needs the range guard."""
+    return any(isinstance(x, Wide) and x.guard for x in xs)
+
+
+def wide_result(data: Any, scale: Any, dtype: Any, guard: bool, bounds: Tuple[int, int]) -> Any:
+    """A deferring rule's result: ``Wide`` when its bounds are within the limits, else
+    rounded at once (`fit_to_format` when ``guard``, else a saturating cast), as a rule
+    that does not defer."""
+    if deferring(dtype) and within_wide_bounds(*bounds):
+        return Wide(data, scale, dtype, guard, *bounds)
+    if guard:
+        return fit_to_format(data, scale, dtype)
+    return ScaledArray(saturating_cast(as_jax(data), dtype), scale)

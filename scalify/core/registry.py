@@ -11,7 +11,7 @@ interpreter materialises as a ScaledArray for every rule not registered
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from jax.extend.core import Primitive
 
@@ -19,8 +19,9 @@ _RULES: Dict[Primitive, Callable[..., Any]] = {}
 # Primitives whose rule runs even when no operand is a ScaledArray (e.g. `set_scaling`,
 # which turns a plain array into a ScaledArray inside scalify).
 _ALWAYS_SCALED: set = set()
-# Primitives whose rule takes `Deferred` operands as they are (see `register_scaled_op`).
-_TAKES_DEFERRED: set = set()
+# Primitives whose rule takes `Deferred` operands as they are, with the kinds it takes
+# (see `register_scaled_op`).
+_TAKES_DEFERRED: Dict[Primitive, Tuple[type, ...]] = {}
 # NumPy evaluators used to fold equations whose operands are all static (see
 # `register_static_impl`).
 _STATIC_IMPLS: Dict[Primitive, Callable[..., Any]] = {}
@@ -31,7 +32,8 @@ class UnsupportedPrimitiveError(NotImplementedError):
 
 
 def register_scaled_op(
-    *prims: Primitive, always_scaled: bool = False, takes_deferred: bool = False
+    *prims: Primitive, always_scaled: bool = False,
+    takes_deferred: Union[bool, Tuple[type, ...]] = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``rule`` as the scaled rule of each primitive in ``prims``::
 
@@ -40,9 +42,11 @@ def register_scaled_op(
 
     With ``always_scaled=True`` the interpreter calls the rule even when every operand
     is plain (the rule then decides whether its output is a ScaledArray). With
-    ``takes_deferred=True`` it hands the rule `Deferred` operands as they are; every
-    other rule gets them materialised.
+    ``takes_deferred=True`` it hands the rule `Deferred` operands as they are, and with
+    a tuple of `Deferred` subclasses those kinds only; every other rule (and kind) gets
+    them materialised.
     """
+    kinds = (Deferred,) if takes_deferred is True else tuple(takes_deferred or ())
     for p in prims:
         if not isinstance(p, Primitive):
             raise TypeError(f"register_scaled_op expects JAX primitives, got {p!r}.")
@@ -54,10 +58,10 @@ def register_scaled_op(
                 _ALWAYS_SCALED.add(p)
             else:
                 _ALWAYS_SCALED.discard(p)
-            if takes_deferred:
-                _TAKES_DEFERRED.add(p)
+            if kinds:
+                _TAKES_DEFERRED[p] = kinds
             else:
-                _TAKES_DEFERRED.discard(p)
+                _TAKES_DEFERRED.pop(p, None)
         return rule
 
     return decorator
@@ -75,27 +79,39 @@ def is_always_scaled(prim: Primitive) -> bool:
 
 
 def takes_deferred(prim: Primitive) -> bool:
-    """True when ``prim``'s rule takes `Deferred` operands (``takes_deferred=True``)."""
+    """True when ``prim``'s rule takes `Deferred` operands of some kind
+    (``takes_deferred``)."""
     return prim in _TAKES_DEFERRED
+
+
+def deferred_kinds(prim: Primitive) -> Tuple[type, ...]:
+    """The `Deferred` kinds ``prim``'s rule takes as they are (empty: none)."""
+    return _TAKES_DEFERRED.get(prim, ())
 
 
 class Deferred:
     """A rule's result kept in a form that some rules consume more cheaply than its
     `ScaledArray`: `materialise` gives the ScaledArray (computed once, then reused).
 
-    Two kinds exist. A scan's stacked output whose scale varies per step
+    Three kinds exist. A scan's stacked output whose scale varies per step
     (`scalify.rules.control_flow.PerStepScaled`): as a ScaledArray its steps must be
     aligned to one scale, a pass over the whole stack, while a later scan reading it step
-    by step can take each step at its own scale. And a float32 contraction's result whose
+    by step can take each step at its own scale. A float32 contraction's result whose
     division by ``pow2(sqrt(K))`` is still to do (`scalify.rules.linalg.Rescaled`): a
     transpose moves the accumulator and keeps the division pending, so that XLA still
-    sees (and folds) ``transpose(dot_general)``. The interpreter materialises a Deferred
-    operand for every rule not registered ``takes_deferred`` and at the end of every
-    jaxpr."""
+    sees (and folds) ``transpose(dot_general)``. And an elementwise rule's float16/float8
+    result still in float32, not yet rounded nor range-guarded
+    (`scalify.core.operands.Wide`): the next elementwise rule computes on from it, so
+    that a chain of them rounds and guards once. The interpreter materialises a Deferred
+    operand for every rule not registered ``takes_deferred`` for its kind and at the end
+    of every jaxpr."""
 
     _value: Any = None
     # The value's one scale, when it has one (the interpreter marks it `computed_once`).
     scale: Any = None
+    # Materialise at once when some reader of the value takes it materialised anyway
+    # (see `scalify.core.interpreter.eval_jaxpr`), rather than only where it is read.
+    eager: bool = False
 
     def materialise(self) -> Any:
         if self._value is None:

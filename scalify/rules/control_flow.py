@@ -199,7 +199,26 @@ def _carry_out(outs: Sequence[Any], kinds: List[Optional[np.dtype]], owner: obje
     return [_as_kind(o, k) for o, k in zip(outs, kinds)]
 
 
-@register_scaled_op(P.scan_p, takes_deferred=True)
+class PerStepScaled(Deferred):
+    """A scan's stacked output whose scale varies per step: ``data`` (steps on axis 0)
+    and ``scales`` (one per step). As a ScaledArray, every step is aligned to the largest
+    per-step scale (exact when they are all equal; much smaller steps may lose low bits,
+    as in ``concatenate``)."""
+
+    def __init__(self, data: Any, scales: Any):
+        self.data, self.scales = data, scales
+
+    def _materialise(self) -> ScaledArray:
+        data, scales = self.data, self.scales
+        if scales.shape[0] == 0:
+            return _mk(data, np.ones((), scales.dtype))
+        top = lax.reduce_max(scales, (0,))
+        cd = compute_dtype(data.dtype)
+        ratio = lax.broadcast_in_dim(cast(lax.div(scales, top), cd), data.shape, (0,))
+        return _mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
+
+
+@register_scaled_op(P.scan_p, takes_deferred=(PerStepScaled,))
 def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, length: int,
          reverse: bool = False, unroll: Any = 1, **params: Any) -> List[Any]:
     """``lax.scan`` of the scalified body, carrying ``(data, scale)`` of scaled carries.
@@ -261,25 +280,6 @@ def _stacked(y: Any, kind: Any) -> Any:
     if not (isinstance(kind, str) and kind == "stacked"):
         return _mk(y, kind)
     return PerStepScaled(*y)
-
-
-class PerStepScaled(Deferred):
-    """A scan's stacked output whose scale varies per step: ``data`` (steps on axis 0)
-    and ``scales`` (one per step). As a ScaledArray, every step is aligned to the largest
-    per-step scale (exact when they are all equal; much smaller steps may lose low bits,
-    as in ``concatenate``)."""
-
-    def __init__(self, data: Any, scales: Any):
-        self.data, self.scales = data, scales
-
-    def _materialise(self) -> ScaledArray:
-        data, scales = self.data, self.scales
-        if scales.shape[0] == 0:
-            return _mk(data, np.ones((), scales.dtype))
-        top = lax.reduce_max(scales, (0,))
-        cd = compute_dtype(data.dtype)
-        ratio = lax.broadcast_in_dim(cast(lax.div(scales, top), cd), data.shape, (0,))
-        return _mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
 
 
 @register_scaled_op(P.while_p)

@@ -26,6 +26,17 @@ output dtype. Scales are chosen per family:
   functions), the result is range-guarded for float16 and float8 data
   (`scalify.core.operands.fit_to_format`): its max-abs is measured and, outside a safe
   band, moved into the scale, so the data is finite wherever the float32 value is.
+- **Deferred rounding** (`ScalifyConfig(defer_rounding=True)`, the default). A float16 or
+  float8 result is handed on in float32 at its static scale (`scalify.core.operands.Wide`)
+  to the next elementwise rule, which computes on from it; the value is rounded, and
+  range-guarded if any rule of the chain needed the guard, once, where a rule that is not
+  elementwise (a contraction, a gather, control flow) or the function's output reads it.
+  A GELU or a layer norm thus measures one max-abs, not one per product. Static bounds
+  on each value's data (`data_bounds`) keep float32 from over- or underflowing inside a
+  chain: a rule whose result could leave them materialises its operands first. ``exp``
+  and the other unbounded functions read a chain's float32 value but guard their own
+  result at once; comparisons, selections of operands at distinct scales and the rules
+  not named "deferred" in docs/operators.md read materialised operands.
 
 Static operands (NumPy values known at trace time) contribute their power-of-two part as
 a static scale, so ``x * 3.0`` multiplies the scale by 2 and the data by 1.5, and
@@ -46,8 +57,18 @@ from jax.extend.core import primitives as jax_primitives
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import (
+    Wide,
     as_jax,
+    bounded_operands,
     cast,
+    data_bounds,
+    deferring,
+    format_bounds,
+    is_scale_free,
+    materialised,
+    _headroom,
+    needs_guard,
+    wide_result,
     common_scale,
     compute_dtype,
     fit_to_format,
@@ -167,32 +188,57 @@ def _clamp_scale(s: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-@register_scaled_op(lax.add_p, jax_primitives.add_jaxvals_p)
-def add(x: Any, y: Any, **params: Any) -> ScaledArray:
+def _sum_bounds(bx: Tuple[int, int], by: Tuple[int, int]) -> Tuple[int, int]:
+    # Operands are aligned to a scale at least half of each (a ratio below 2).
+    return max(bx[0], by[0]) + 2, min(bx[1], by[1])
+
+
+def _sum(lax_fn: Callable[..., Any], x: Any, y: Any) -> Any:
+    dtype = out_dtype(x, y)
+    if deferring(dtype):
+        (x, y), bounds = bounded_operands((x, y), _sum_bounds)
+        s = hypot_scale(scale_of(x), scale_of(y))
+        return wide_result(lax_fn(in_scale(x, s), in_scale(y, s)), s, dtype, needs_guard(x, y), bounds)
+    x, y = materialised(x), materialised(y)
+    s = hypot_scale(scale_of(x), scale_of(y))
+    return ScaledArray(cast(lax_fn(in_scale(x, s), in_scale(y, s)), dtype), s)
+
+
+@register_scaled_op(lax.add_p, jax_primitives.add_jaxvals_p, takes_deferred=(Wide,))
+def add(x: Any, y: Any, **params: Any) -> Any:
     """``x + y`` at scale ``pow2(sqrt(sx**2 + sy**2))``: the sum of two independent
     unit-variance terms has variance 2, so data stays near unit variance. A scale-free
     constant (``x + 0``) keeps the other operand's scale. Also the rule of autodiff's
-    ``add_any`` (``add_jaxvals_p``), which sums cotangents."""
-    s = hypot_scale(scale_of(x), scale_of(y))
-    return ScaledArray(cast(lax.add(in_scale(x, s), in_scale(y, s)), out_dtype(x, y)), s)
+    ``add_any`` (``add_jaxvals_p``), which sums cotangents. Deferred rounding: a
+    float16/float8 sum is handed on in float32 (`Wide`; its chain is guarded at the end
+    only where one of the chain's rules needed the guard)."""
+    return _sum(lax.add, x, y)
 
 
-@register_scaled_op(lax.sub_p)
-def sub(x: Any, y: Any, **params: Any) -> ScaledArray:
-    """``x - y``, scaled as `add`."""
-    s = hypot_scale(scale_of(x), scale_of(y))
-    return ScaledArray(cast(lax.sub(in_scale(x, s), in_scale(y, s)), out_dtype(x, y)), s)
+@register_scaled_op(lax.sub_p, takes_deferred=(Wide,))
+def sub(x: Any, y: Any, **params: Any) -> Any:
+    """``x - y``, scaled as `add`; a float16/float8 difference is handed on in float32
+    (`Wide`), as in `add`."""
+    return _sum(lax.sub, x, y)
 
 
 def _bounded_factor(x: Any) -> bool:
     """An operand whose data lies in ``[1, 2)`` in magnitude: a static constant or a
     traced plain scalar, read at its own power of two (`scale_of`). Multiplying by it
     at most doubles the other operand's data, so the product needs no range guard."""
-    return is_static(x) or (not isinstance(x, ScaledArray) and np.shape(x) == ())
+    return is_static(x) or (not isinstance(x, (ScaledArray, Wide)) and np.shape(x) == ())
 
 
-@register_scaled_op(lax.mul_p)
-def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
+def _product_bounds(bx: Tuple[int, int], by: Tuple[int, int]) -> Tuple[int, int]:
+    return bx[0] + by[0] + 1, bx[1] + by[1]
+
+
+def _quotient_bounds(bx: Tuple[int, int], by: Tuple[int, int]) -> Tuple[int, int]:
+    return bx[0] - by[1] + 1, bx[1] - by[0] - 1
+
+
+@register_scaled_op(lax.mul_p, takes_deferred=(Wide,))
+def mul(x: Any, y: Any, **params: Any) -> Any:
     """``x * y`` at scale ``sx * sy``: the product of unit-variance data has unit
     variance. A static constant ``c`` contributes ``pow2(|c|)`` to the scale and
     ``c / pow2(|c|)`` to the data; a scale-free one (0, inf, NaN) multiplies the data
@@ -204,45 +250,77 @@ def mul(x: Any, y: Any, **params: Any) -> ScaledArray:
     of data with max-abs 300 overflows float16), so it is range-guarded
     (`fit_to_format`: finite data whenever the float32 value is finite and inside the
     scale range). A product with a constant or scalar is bounded (data grows < 2x) and
-    is not measured. An all-zero operand (scale 0) gives the zero tensor, scale 0."""
+    is not measured. An all-zero operand (scale 0) gives the zero tensor, scale 0.
+
+    Deferred rounding: a float16/float8 product is handed on in float32 (`Wide`), and
+    its range guard, when needed, runs once at the end of its elementwise chain; a chain
+    whose data bound would leave float32's range materialises (and guards) its operands
+    first."""
+    dtype = params.get("out_dtype") or out_dtype(x, y)
+    bounded = _bounded_factor(x) or _bounded_factor(y)
+    if deferring(dtype):
+        (x, y), bounds = bounded_operands((x, y), _product_bounds)
+    else:
+        x, y = materialised(x), materialised(y)
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_product(sx, sy)
     data = times_residual(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
-    dtype = params.get("out_dtype") or out_dtype(x, y)
-    if _bounded_factor(x) or _bounded_factor(y):
+    if deferring(dtype):
+        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
+    if bounded:
         return ScaledArray(cast(data, dtype), s)
     return fit_to_format(data, s, dtype)
 
 
-@register_scaled_op(lax.div_p)
-def div(x: Any, y: Any, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.div_p, takes_deferred=(Wide,))
+def div(x: Any, y: Any, **params: Any) -> Any:
     """``x / y`` at scale ``sx / sy`` (static constants, scalars and clamping as in
     `mul`). Range: dividing by tensor data near 0 is unbounded, so the quotient is
-    range-guarded (`fit_to_format`) unless the divisor is a constant or a scalar."""
+    range-guarded (`fit_to_format`) unless the divisor is a constant or a scalar.
+    Deferred rounding as `mul`: the quotient's data are bounded by the operands' data
+    bounds (the divisor's non-zero data are at least its format's smallest subnormal),
+    so a float16/float8 quotient is handed on in float32 (`Wide`) and guarded once at
+    the end of its chain."""
+    dtype = out_dtype(x, y)
+    bounded = _bounded_factor(y)
+    if deferring(dtype):
+        (x, y), bounds = bounded_operands((x, y), _quotient_bounds)
+    else:
+        x, y = materialised(x), materialised(y)
     sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
     s, r = scale_quotient(sx, sy)
     data = times_residual(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
-    if _bounded_factor(y):
-        return ScaledArray(cast(data, out_dtype(x, y)), s)
-    return fit_to_format(data, s, out_dtype(x, y))
+    if deferring(dtype):
+        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
+    if bounded:
+        return ScaledArray(cast(data, dtype), s)
+    return fit_to_format(data, s, dtype)
 
 
-@register_scaled_op(lax.neg_p)
-def neg(x: ScaledArray, **params: Any) -> ScaledArray:
-    """``-x``: same scale, data negated (exact)."""
+@register_scaled_op(lax.neg_p, takes_deferred=(Wide,))
+def neg(x: Any, **params: Any) -> Any:
+    """``-x``: same scale, data negated (exact; a `Wide` operand stays Wide)."""
+    if isinstance(x, Wide):
+        return x.with_data(lax.neg_p.bind(x.data, **params))
     return ScaledArray(lax.neg_p.bind(x.data, **params), x.scale)
 
 
-@register_scaled_op(lax.abs_p)
-def abs_(x: ScaledArray, **params: Any) -> ScaledArray:
-    """``|x|``: same scale, absolute value of the data (exact)."""
+@register_scaled_op(lax.abs_p, takes_deferred=(Wide,))
+def abs_(x: Any, **params: Any) -> Any:
+    """``|x|``: same scale, absolute value of the data (exact; a `Wide` operand stays
+    Wide)."""
+    if isinstance(x, Wide):
+        return x.with_data(lax.abs_p.bind(x.data, **params))
     return ScaledArray(lax.abs_p.bind(x.data, **params), x.scale)
 
 
-@register_scaled_op(lax.sign_p)
-def sign(x: ScaledArray, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.sign_p, takes_deferred=(Wide,))
+def sign(x: Any, **params: Any) -> Any:
     """``sign(x)`` in {-1, 0, 1} (NaN for NaN) at scale 1: the sign of the data, since
-    scales are positive."""
+    scales are positive (of a `Wide` operand's float32 data, then handed on in float32
+    (`Wide`))."""
+    if isinstance(x, Wide):
+        return wide_result(lax.sign_p.bind(x.data, **params), one(), x.dtype, False, (1, 0))
     return ScaledArray(lax.sign_p.bind(x.data, **params), one())
 
 
@@ -294,42 +372,72 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
     ``spread``: float16 data up to 2**11), leaving the format's whole range below it to
     the smaller elements: one selected from an operand far below the largest scale
     (``where(p, 1e14, 6e4)``) would flush to zero in float16 at unit scale, and ``max``'s
-    derivative, which compares the output with each operand, would then lose it."""
+    derivative, which compares the output with each operand, would then lose it.
+
+    Deferred rounding: with one traced scale and a `Wide` operand, the selection is
+    made on the float32 data and handed on Wide (each output element an aligned input
+    element: the bounds are the operands'). Operands of distinct traced scales are
+    materialised first."""
     scales = [scale_of(x) for x in xs if not is_static(x)]
     mixed = len({id(s) for s in scales if s is not None}) > 1
+    if not mixed and deferring(dtype) and any(isinstance(x, Wide) for x in xs):
+        s, data = _aligned(xs, compute_dtype(dtype))
+        operands = data if pred is None else [as_jax(pred), *data]
+        bounds = [_selected_bounds(x, dtype) for x in xs]
+        hi, lo = max(b[0] for b in bounds), min(b[1] for b in bounds)
+        return wide_result(prim.bind(*operands, **params), s, dtype, needs_guard(*xs), (hi, lo))
+    xs = [materialised(x) for x in xs]
     s, data = _aligned(xs, compute_dtype(dtype) if mixed else dtype)
     operands = data if pred is None else [as_jax(pred), *data]
     out = prim.bind(*operands, **params)
     return fit_to_format(out, s, dtype, spread=True) if mixed else ScaledArray(out, s)
 
 
-@register_scaled_op(lax.max_p)
+def _selected_bounds(x: Any, dtype: Any) -> Tuple[int, int]:
+    """Data bounds of a selection's operand aligned to `common_scale`: a traced one at
+    most doubles (a scale that is not a power of two is aligned to the power of two
+    below it); a static constant is held with the headroom of its dtype (data below
+    ``2**(H + 1)``)."""
+    if is_static(x):
+        if is_scale_free(x):
+            return 0, 0
+        h = int(-np.log2(float(_headroom(np.asarray(x).dtype))))
+        return h + 1, format_bounds(dtype)[1]
+    hi, lo = data_bounds(x)
+    return hi + 1, lo
+
+
+@register_scaled_op(lax.max_p, takes_deferred=(Wide,))
 def max_(x: Any, y: Any, **params: Any) -> ScaledArray:
     """``max(x, y)`` at the larger scale; operands of distinct traced scales are selected
     in float32 and range-guarded, so a value far below the larger scale is kept
     (`_select`). Scale-free constants (``max(x, 0)``, ``max(x, -inf)``) keep ``x``'s
-    scale."""
+    scale. Deferred rounding: with one traced scale, a selection among `Wide` operands
+    stays Wide (selected from their float32 data)."""
     return _select(lax.max_p, (x, y), out_dtype(x, y), params)
 
 
-@register_scaled_op(lax.min_p)
+@register_scaled_op(lax.min_p, takes_deferred=(Wide,))
 def min_(x: Any, y: Any, **params: Any) -> ScaledArray:
-    """``min(x, y)``, scaled as `max`."""
+    """``min(x, y)``, scaled as `max` (a selection among `Wide` operands of one traced
+    scale stays Wide)."""
     return _select(lax.min_p, (x, y), out_dtype(x, y), params)
 
 
-@register_scaled_op(lax.clamp_p)
+@register_scaled_op(lax.clamp_p, takes_deferred=(Wide,))
 def clamp(lo: Any, x: Any, hi: Any, **params: Any) -> ScaledArray:
     """``clamp(lo, x, hi)`` with the three operands aligned to the largest scale
-    (scale-free bounds such as 0 or inf ignored), as `max`."""
+    (scale-free bounds such as 0 or inf ignored), as `max` (a selection among `Wide`
+    operands of one traced scale stays Wide)."""
     return _select(lax.clamp_p, (lo, x, hi), out_dtype(x, lo, hi), params)
 
 
-@register_scaled_op(lax.select_n_p)
+@register_scaled_op(lax.select_n_p, takes_deferred=(Wide,))
 def select_n(pred: Any, *cases: Any, **params: Any) -> Any:
     """``select_n(pred, *cases)`` with the cases aligned to the largest scale; scale-free
     static cases (broadcast zeros, ``-inf`` masks) adopt it. A static uniform predicate
-    picks its case at trace time, keeping that case's own scale."""
+    picks its case at trace time, keeping that case's own scale. Deferred rounding as in
+    `max`: a selection among `Wide` operands of one traced scale stays Wide."""
     c = static_uniform_value(pred)
     if c is not None:
         return cases[int(c)]
@@ -414,11 +522,36 @@ def is_finite(x: ScaledArray, **params: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-@register_scaled_op(lax.sqrt_p)
-def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
+def _power_bounds(c: float) -> Callable[[Tuple[int, int]], Tuple[int, int]]:
+    """Data bounds of ``d**c * r`` for data bounds of ``d`` (``c`` static, non-zero):
+    the residual ``r`` of `_scale_pow` lies in ``[2**min(c, 0), 2**(|c| + 1))`` (1 for a
+    power-of-two scale and an integer ``c``), and the roots' ratios ``s / p**2`` and
+    ``s * p**2`` lie in ``[1/4, 4]``."""
+    def bounds(b: Tuple[int, int]) -> Tuple[int, int]:
+        hi, lo = (c * b[0], c * b[1]) if c > 0 else (c * b[1], c * b[0])
+        return int(np.ceil(hi + abs(c))) + 2, int(np.floor(lo + min(c, 0.0))) - 2
+
+    return bounds
+
+
+def _power(x: Any, c: float) -> Tuple[Any, Optional[Tuple[int, int]]]:
+    """The operand of a power rule with a static exponent ``c`` (non-zero), and the
+    data bounds of its result when it is handed on `Wide` (None when deferral is off:
+    the operand is then materialised). A Wide operand is materialised first when the
+    result's bounds would leave a float32 chain's."""
+    if not deferring(x.dtype):
+        return materialised(x), None
+    (x,), bounds = bounded_operands((x,), _power_bounds(c))
+    return x, bounds
+
+
+@register_scaled_op(lax.sqrt_p, takes_deferred=(Wide,))
+def sqrt(x: Any, **params: Any) -> Any:
     """``sqrt(x)`` at scale ``p = pow2(sqrt(s))``, data ``sqrt(d * s / p**2)`` (the ratio
     is 1 or 2 with DOWN rounding): the square root of 1e-30 held in float16 data is
-    1e-15 at scale ~2**-50, never a float16 underflow."""
+    1e-15 at scale ~2**-50, never a float16 underflow. Deferred rounding: a float16/float8
+    root is handed on in float32 (`Wide`; halving the data's log2 bounds)."""
+    x, bounds = _power(x, 0.5)
     s = x.scale
     if _traced_down(s):
         p, inv = pow2_sqrt_down(s)  # the same p, from exponent bits
@@ -427,84 +560,118 @@ def sqrt(x: ScaledArray, **params: Any) -> ScaledArray:
         p = pow2_round(xnp(s).sqrt(s))
         ratio = (s / p) / p
     data = lax.sqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
+    if bounds is not None:
+        return wide_result(data, p, x.dtype, needs_guard(x), bounds)
     return ScaledArray(data.astype(x.dtype), p)
 
 
-@register_scaled_op(lax.rsqrt_p)
-def rsqrt(x: ScaledArray, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.rsqrt_p, takes_deferred=(Wide,))
+def rsqrt(x: Any, **params: Any) -> Any:
     """``1 / sqrt(x)`` at scale ``p = pow2(1 / sqrt(s))``, data ``rsqrt(d * s * p**2)``.
     Range-guarded (`fit_to_format`): data near 0 (a variance far below its scale) has
-    an unbounded reciprocal square root."""
+    an unbounded reciprocal square root. Deferred rounding: the result's data are
+    bounded by the operand's non-zero data bounds, so a float16/float8 result is handed
+    on in float32 (`Wide`) and guarded once at the end of its chain."""
+    x, bounds = _power(x, -0.5)
     s = x.scale
     p = pow2_rsqrt_down(s) if _traced_down(s) else pow2_round(1 / xnp(s).sqrt(s))
     ratio = (s * p) * p
     data = lax.rsqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
+    if bounds is not None:
+        return wide_result(data, p, x.dtype, True, bounds)
     return fit_to_format(data, p, x.dtype)
 
 
-@register_scaled_op(lax.cbrt_p)
-def cbrt(x: ScaledArray, **params: Any) -> ScaledArray:
-    """``cbrt(x)`` at scale ``p = pow2(cbrt(s))``, data ``cbrt(d * s / p**3)``."""
+@register_scaled_op(lax.cbrt_p, takes_deferred=(Wide,))
+def cbrt(x: Any, **params: Any) -> Any:
+    """``cbrt(x)`` at scale ``p = pow2(cbrt(s))``, data ``cbrt(d * s / p**3)``. Deferred
+    rounding: a float16/float8 root is handed on in float32 (`Wide`), as in `sqrt`."""
+    x, bounds = _power(x, 1 / 3)
     s = x.scale
     p = pow2_round(xnp(s).cbrt(s))
     ratio = ((s / p) / p) / p
     data = lax.cbrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
+    if bounds is not None:
+        return wide_result(data, p, x.dtype, needs_guard(x), bounds)
     return ScaledArray(data.astype(x.dtype), p)
 
 
-@register_scaled_op(lax.square_p)
-def square(x: ScaledArray, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.square_p, takes_deferred=(Wide,))
+def square(x: Any, **params: Any) -> Any:
     """``x**2`` at scale ``s**2`` (clamped to the float32 normal range, the excess into
     the data), data ``d**2``: exact for power-of-two scales. Range-guarded
-    (`fit_to_format`): the square of data with max-abs above 256 overflows float16."""
+    (`fit_to_format`): the square of data with max-abs above 256 overflows float16.
+    Deferred rounding: a float16/float8 square is handed on in float32 (`Wide`) and
+    guarded once at the end of its chain (doubling the data's log2 bounds)."""
+    x, bounds = _power(x, 2.0)
     s, r = _scale_pow(x.scale, 2.0)
-    d = _data(x)
-    return fit_to_format(times_residual(lax.square_p.bind(d, **params), r), s, x.dtype)
+    data = times_residual(lax.square_p.bind(_data(x), **params), r)
+    if bounds is not None:
+        return wide_result(data, s, x.dtype, True, bounds)
+    return fit_to_format(data, s, x.dtype)
 
 
-@register_scaled_op(lax.integer_pow_p)
-def integer_pow(x: ScaledArray, *, y: int, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.integer_pow_p, takes_deferred=(Wide,))
+def integer_pow(x: Any, *, y: int, **params: Any) -> Any:
     """``x**y`` at scale ``s**y`` (clamped to the float32 normal range, the excess into
     the data), data ``d**y``: exact for power-of-two scales, so ``x**3`` of 1e-30 gives
     float32's 0 and of 1e30 gives inf, but no NaN or zero scale downstream.
     Range-guarded (`fit_to_format`) for ``y`` other than 0 and 1: ``x**3`` (in GELU's
-    tanh approximation) of data with max-abs 40 overflows float16."""
+    tanh approximation) of data with max-abs 40 overflows float16. Deferred rounding: a
+    float16/float8 power is handed on in float32 (`Wide`, the data's log2 bounds times
+    ``y``, negative powers included: the operand's non-zero data are bounded below) and
+    guarded once at the end of its chain."""
+    x, bounds = _power(x, float(y)) if y != 0 else (materialised(x), None)
     s, r = _scale_pow(x.scale, float(y))
     data = times_residual(lax.integer_pow_p.bind(_data(x), y=y, **params), r)
+    if bounds is not None:
+        return wide_result(data, s, x.dtype, y != 1 or needs_guard(x), bounds)
     if y in (0, 1):
         return ScaledArray(data.astype(x.dtype), s)
     return fit_to_format(data, s, x.dtype)
 
 
-@register_scaled_op(lax.pow_p)
-def pow_(x: Any, y: Any, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.pow_p, takes_deferred=(Wide,))
+def pow_(x: Any, y: Any, **params: Any) -> Any:
     """``x ** y``. With a static uniform exponent ``c`` and a scaled base, the scale
     transforms exactly: ``s**c = 2**k * r`` with ``k = floor(c * log2 s)``, output scale
     ``2**k`` and data ``d**c * r`` (``r`` in ``[1, 2)``), so ``x ** 0.5`` of 1e-30 stays
     in range. Otherwise (traced exponent, scaled exponent or static base) the power is
     computed on the unscaled float32 values and returned at scale 1: its magnitude
     depends on every element of the exponent, which no input scale predicts. Both
-    paths are range-guarded (`fit_to_format`)."""
-    c = None if isinstance(y, ScaledArray) else static_uniform_value(y)
-    if isinstance(x, ScaledArray) and c is not None and np.isfinite(c):
+    paths are range-guarded (`fit_to_format`). Deferred rounding: with a static
+    exponent, a float16/float8 power is handed on in float32 (`Wide`, as
+    `integer_pow`); the other path reads a Wide operand's float32 data and guards its
+    result at once."""
+    c = None if isinstance(y, (ScaledArray, Wide)) else static_uniform_value(y)
+    if isinstance(x, (ScaledArray, Wide)) and c is not None and np.isfinite(c):
         c = float(np.asarray(c, np.float32))
+        x, bounds = _power(x, c) if c != 0 else (materialised(x), None)
         s, r = _scale_pow(x.scale, c)
-        data = lax.pow(_data(x), np.float32(c))
-        return fit_to_format(times_residual(data, r), s, out_dtype(x, y))
+        data = times_residual(lax.pow(_data(x), np.float32(c)), r)
+        if bounds is not None:
+            return wide_result(data, s, out_dtype(x, y), True, bounds)
+        return fit_to_format(data, s, out_dtype(x, y))
     data = lax.pow_p.bind(in_scale(x, one()), in_scale(y, one()), **params)
     return fit_to_format(data, one(), out_dtype(x, y))
 
 
-@register_scaled_op(lax.log_p)
-def log(x: ScaledArray, **params: Any) -> ScaledArray:
+@register_scaled_op(lax.log_p, takes_deferred=(Wide,))
+def log(x: Any, **params: Any) -> Any:
     """``log(x) = log(d) + log(s)`` in float32 at scale 1: extreme scales never under-
     or overflow (``log`` of 1e-30 held in float16 data is -69), and the result is
-    O(10) at most for any float32 scale."""
+    O(10) at most for any float32 scale. Deferred rounding: reads a `Wide` operand's
+    float32 data and hands a float16/float8 result on in float32 (`Wide`: below
+    ``2**8``)."""
+    if not deferring(x.dtype):
+        x = materialised(x)
     s = x.scale
     y = lax.log_p.bind(_data(x), **params)
     if not _is_one(s):
         log_s = np.log(s) if is_static(s) else lax.log(s)
         y = lax.add(y, cast(log_s, y.dtype))
+    if deferring(x.dtype):
+        return wide_result(y, one(), x.dtype, False, (8, format_bounds(x.dtype)[1]))
     return ScaledArray(cast(y, x.dtype), one())
 
 
@@ -566,12 +733,34 @@ _SCALE_DOCS = {
 }
 
 
+# Data bounds (log2) of bounded functions' results at their scale, from the operand's
+# data bounds, for results handed on `Wide`: a function O(1) at scale 1 stays below 89.5
+# (acosh of float32's largest value); one like ``x`` near 0 at scale ``min(s, 1)`` is
+# below ``1.6 |v| / t <= 3.2 |d|`` (erf's slope 1.13, asin's 1.57; ``t`` within 2x of
+# ``s``), or below 89.5 at scale 1; a rounding at scale ``max(s, 1)`` is below
+# ``2 |d| + 1``.
+_BOUNDED_HI = {
+    _unit_scale: lambda hi: 7,
+    _near_identity_scale: lambda hi: max(7, hi + 2),
+    _growing_scale: lambda hi: max(hi, 0) + 2,
+}
+
+
 def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = False) -> Callable[..., Any]:
-    def rule(x: ScaledArray, **params: Any) -> ScaledArray:
+    hand_on = bounded and scale_fn in _BOUNDED_HI
+
+    def rule(x: Any, **params: Any) -> Any:
+        if not deferring(x.dtype):
+            x = materialised(x)
         # Clamped to the normal range: an all-zero input (scale 0) must not give the
         # output scale 0 (``cos(0) = 1``) nor a division by it.
         t = _clamp_scale(scale_fn(x.scale))
         y = _div_by_scale(prim.bind(_value(x), **params), t)
+        if hand_on and deferring(x.dtype):
+            bounds = (_BOUNDED_HI[scale_fn](data_bounds(x)[0]), format_bounds(x.dtype)[1])
+            # Bounded at its scale for data a narrow format holds; like the identity (or
+            # a rounding) for small scales, it hands a Wide operand's range on as it is.
+            return wide_result(y, t, x.dtype, scale_fn is not _unit_scale and needs_guard(x), bounds)
         if bounded:
             return ScaledArray(y.astype(x.dtype), t)
         return fit_to_format(y, t, x.dtype)
@@ -583,11 +772,21 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
         "Its output is unbounded at that scale, so it is range-guarded (`fit_to_format`): "
         "finite data wherever the float32 value is finite and inside the scale range."
     )
+    deferral = (
+        "Deferred rounding: reads a `Wide` operand's float32 value and hands a "
+        "float16/float8 result on in float32 (`Wide`"
+        + (")." if scale_fn is _unit_scale else
+           "): where its scale follows the operand's, its data follow a Wide operand's "
+           "data, so its chain is guarded at the end when the operand's chain is.")
+        if hand_on else
+        "Deferred rounding: reads a `Wide` operand's float32 value; its own result is "
+        + ("rounded at once." if bounded else "guarded and rounded at once.")
+    )
     rule.__doc__ = (
         f"``{prim.name}(x)`` computed in float32 on the unscaled value ``d * s`` and "
-        f"{_SCALE_DOCS[scale_fn]}. {guard}"
+        f"{_SCALE_DOCS[scale_fn]}. {guard} {deferral}"
     )
-    return register_scaled_op(prim)(rule)
+    return register_scaled_op(prim, takes_deferred=(Wide,))(rule)
 
 
 exp = _nonlinear(lax.exp_p, _unit_scale)
@@ -668,15 +867,65 @@ def _has_inf(dtype: Any) -> bool:
         return bool(np.isinf(np.array(np.inf, np.float32).astype(dtype)))
 
 
-@register_scaled_op(lax.convert_element_type_p)
-def convert_element_type(x: ScaledArray, *, new_dtype: Any, **params: Any) -> Any:
+def _narrowing(new: np.dtype, old: np.dtype) -> bool:
+    """A cast into a narrow float format with a smaller range than ``old``'s."""
+    return is_float_dtype(new) and is_narrow(new) and float(jnp.finfo(new).max) < float(jnp.finfo(old).max)
+
+
+def _places(sharding: Any) -> bool:
+    """Whether a cast's ``sharding`` parameter places its result on mesh axes (JAX also
+    passes a sharding over the empty mesh, which places nothing): such a cast is done
+    on materialised data as written."""
+    if sharding is None:
+        return False
+    mesh = getattr(sharding, "mesh", None)
+    return mesh is None or bool(getattr(mesh, "axis_names", True))
+
+
+def _convert_wide(x: Wide, new: np.dtype) -> Any:
+    """`convert_element_type` of a `Wide` value to the float dtype ``new``, or None
+    when it must be materialised first (see `convert_element_type`)."""
+    if x.dtype.itemsize == 1 or not is_float_dtype(new):
+        return None  # a float8 rounding is a deliberate quantisation: done as written
+    if new == x.dtype:
+        return x
+    if is_narrow(new):
+        guard = x.guard or _narrowing(new, x.dtype)
+        return Wide(x.data, x.scale, new, guard, x.hi, x.lo)
+    if not x.guard:
+        return ScaledArray(cast(x.data, new), x.scale)
+    if new == np.dtype(np.float32):
+        return Wide(x.data, x.scale, new, True, x.hi, x.lo, band=x.band)
+    return None
+
+
+@register_scaled_op(lax.convert_element_type_p, takes_deferred=(Wide,))
+def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     """Cast. To a float dtype: the data is cast and the scale kept (this is how a
     ScaledArray moves between float32, float16 and float8 without changing its
     magnitude); narrowing into float16 or a float8 format is range-guarded
     (`fit_to_format`: data beyond the format moves its excess into the scale); other
     finite data beyond a format without infinities saturates instead of becoming NaN. To an integer dtype: the value is
-    unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain)."""
+    unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain).
+
+    Deferred rounding: a narrowing cast into float16/float8 is handed on in float32
+    (`Wide`, guarded where the next rule that is not elementwise reads it). A `Wide`
+    operand (a float16 result not rounded yet) cast to another float16/float8 format
+    stays Wide with that target; cast to float32 or wider it is not rounded to float16
+    on the way (its float32 data are kept: excess precision, as XLA's in plain float16
+    JAX), and a chain that still needs its range guard stays Wide in float32 until a
+    rule reads it (a ``reduce_sum`` measures its own scale and needs no guard). A Wide
+    value with a float8 target, and casts to integers and bool, are materialised first:
+    those roundings happen as written."""
     new = np.dtype(new_dtype)
+    placed = _places(params.get("sharding"))
+    if isinstance(x, Wide):
+        out = None if placed else _convert_wide(x, new)
+        if out is not None:
+            return out
+        x = x.materialise()
+    if _narrowing(new, x.dtype) and deferring(new) and not placed:
+        return Wide(cast(as_jax(x.data), np.float32), x.scale, new, True, *data_bounds(x))
     if is_float_dtype(new) and is_narrow(new) and float(jnp.finfo(new).max) < float(jnp.finfo(x.dtype).max):
         # Narrowing into float16/float8: range-guarded, the data's excess over the
         # format goes into the scale (float32 data of a drifted tensor, 1e16 at scale
@@ -704,8 +953,11 @@ def reduce_precision(x: ScaledArray, **params: Any) -> ScaledArray:
     return ScaledArray(lax.reduce_precision_p.bind(x.data, **params), x.scale)
 
 
-@register_scaled_op(lax.stop_gradient_p)
-def stop_gradient(x: ScaledArray, **params: Any) -> ScaledArray:
-    """``stop_gradient`` of data and scale: same value, same scale, no gradient."""
+@register_scaled_op(lax.stop_gradient_p, takes_deferred=(Wide,))
+def stop_gradient(x: Any, **params: Any) -> Any:
+    """``stop_gradient`` of data and scale: same value, same scale, no gradient (a
+    `Wide` operand stays Wide)."""
     s = x.scale if is_static(x.scale) else lax.stop_gradient(x.scale)
+    if isinstance(x, Wide):
+        return x.with_data(lax.stop_gradient(x.data), s)
     return ScaledArray(lax.stop_gradient(x.data), s)

@@ -10,6 +10,10 @@ dominate the result's precision anyway).
 
 ``transpose`` also takes a `Deferred` operand: a float32 contraction's result whose
 division is still pending stays pending through it (see `scalify.rules.linalg.Rescaled`).
+``transpose``, ``reshape``, ``broadcast_in_dim`` and ``squeeze`` carry an elementwise
+chain's float32 result (`scalify.core.operands.Wide`) through unrounded, so that a chain
+broken only by a broadcast (a layer norm's statistics, a bias) still rounds and guards
+once.
 
 ``iota`` creates integers and never meets a ScaledArray: it needs no rule.
 """
@@ -21,27 +25,33 @@ import jax
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import as_jax, common_scale, in_scale, out_dtype
+from scalify.core.operands import Wide, as_jax, common_scale, in_scale, out_dtype
 from scalify.core.pow2 import is_static
 from scalify.core.registry import Deferred, register_scaled_op
 
 # --- one operand, same scale --------------------------------------------------------
 
 
-def _keep_scale(prim: Any, x: ScaledArray, rest: Any, params: Any) -> ScaledArray:
-    """``prim`` applied to ``x.data`` (extra operands, e.g. dynamic shapes, passed on)."""
+def _keep_scale(prim: Any, x: Any, rest: Any, params: Any) -> Any:
+    """``prim`` applied to ``x.data`` (extra operands, e.g. dynamic shapes, passed on).
+    A `Wide` operand (an elementwise chain's float32 result) stays Wide: moving data
+    commutes with its pending rounding and guard."""
+    if isinstance(x, Wide):
+        return x.map_layout(lambda d: prim.bind(d, *rest, **params))
     return ScaledArray(prim.bind(as_jax(x.data), *rest, **params), x.scale)
 
 
-@register_scaled_op(lax.reshape_p)
-def reshape(x: ScaledArray, *rest: Any, **params: Any) -> ScaledArray:
-    """Reshape the data, keep the scale: the elements, hence their magnitude, are unchanged."""
+@register_scaled_op(lax.reshape_p, takes_deferred=(Wide,))
+def reshape(x: Any, *rest: Any, **params: Any) -> Any:
+    """Reshape the data, keep the scale: the elements, hence their magnitude, are
+    unchanged (a `Wide` operand stays Wide)."""
     return _keep_scale(lax.reshape_p, x, rest, params)
 
 
-@register_scaled_op(lax.broadcast_in_dim_p)
-def broadcast_in_dim(x: ScaledArray, *rest: Any, **params: Any) -> ScaledArray:
-    """Broadcast the data, keep the scale: repeated elements have the same magnitude.
+@register_scaled_op(lax.broadcast_in_dim_p, takes_deferred=(Wide,))
+def broadcast_in_dim(x: Any, *rest: Any, **params: Any) -> Any:
+    """Broadcast the data, keep the scale: repeated elements have the same magnitude
+    (a `Wide` operand stays Wide).
 
     This is also how ``jnp.expand_dims`` and ``x[None]`` reach the jaxpr (there is no
     ``expand_dims`` primitive)."""
@@ -53,7 +63,8 @@ def transpose(x: Any, **params: Any) -> Any:
     """Permute the data's axes, keep the scale. A `Deferred` operand whose pending work
     commutes with moving data (a contraction's division by ``pow2(sqrt(K))``) stays
     deferred, so that XLA sees ``transpose(dot_general)`` and folds the transpose into
-    the contraction (every weight gradient has this form)."""
+    the contraction (every weight gradient has this form); a `Wide` operand (an
+    elementwise chain's float32 result) stays Wide."""
     if isinstance(x, Deferred):
         moved = x.map_layout(lambda d: lax.transpose_p.bind(d, **params))
         if moved is not None:
@@ -62,9 +73,9 @@ def transpose(x: Any, **params: Any) -> Any:
     return _keep_scale(lax.transpose_p, x, (), params)
 
 
-@register_scaled_op(lax.squeeze_p)
-def squeeze(x: ScaledArray, **params: Any) -> ScaledArray:
-    """Drop unit axes of the data, keep the scale."""
+@register_scaled_op(lax.squeeze_p, takes_deferred=(Wide,))
+def squeeze(x: Any, **params: Any) -> Any:
+    """Drop unit axes of the data, keep the scale (a `Wide` operand stays Wide)."""
     return _keep_scale(lax.squeeze_p, x, (), params)
 
 

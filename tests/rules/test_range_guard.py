@@ -36,6 +36,8 @@ def _check(fn, x, rtol):
 
 CASES = {
     "x*x": (lambda x: x * x, 2e-3),
+    "x*x*x*x": (lambda x: ((x * x) * x) * x, 2e-3),
+    "x*x*3+1": (lambda x: x * x * 3.0 + 1.0, 2e-3),
     "x**3": (lambda x: x**3, 2e-3),
     "pow 2.5": (lambda x: jnp.abs(x) ** 2.5, 2e-3),
     "gelu": (jax.nn.gelu, 2e-3),
@@ -51,14 +53,18 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("magnitude", [2.0**-30, 1.0, 2.0**30])
-def test_float16_data_stays_finite(name, magnitude):
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "at-once"])
+def test_float16_data_stays_finite(name, magnitude, defer):
+    """With deferred rounding (the default: one guard at the end of each elementwise
+    chain) and with every rule rounded and guarded at once."""
     fn, rtol = CASES[name]
     if name in ("exp", "div", "rsqrt", "gelu", "gelu grad", "layer norm grad", "softmax grad") and magnitude != 1.0:
         # Not scale-equivariant: magnitudes far from 1 drive these into their flat or
         # pole regions, where float32 itself is exact-zero or out of range.
         magnitude = 1.0
     x = sfy.as_scaled_array(jnp.asarray(_heavy() * magnitude), dtype=jnp.float16)
-    _check(fn, x, rtol)
+    with sfy.ScalifyConfig(defer_rounding=defer):
+        _check(fn, x, rtol)
 
 
 def test_without_the_guard_float16_overflows():
