@@ -56,6 +56,8 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from scalify import fp8  # its HLO text helpers (importing starts no backend: XLA_FLAGS still apply)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONFIGS = ("float32", "bfloat16", "scalify-fp16", "scalify-fp8")
@@ -86,17 +88,7 @@ def shapes_of(type_str: str) -> List[Tuple[str, Tuple[int, ...]]]:
             for m in _SHAPE.finditer(re.sub(r"/\*.*?\*/", "", type_str)) if itemsize(m.group(1)) or m.group(1) == "token"]
 
 
-def _balanced(s: str, start: int) -> int:
-    """Index just past the bracket group opening at ``s[start]``."""
-    depth = 0
-    for i in range(start, len(s)):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(s)
+_balanced = fp8._balanced  # index just past the bracket group opening at s[start]
 
 
 @dataclasses.dataclass

@@ -99,15 +99,7 @@ def make_mesh(sizes: Dict[str, int]) -> Mesh:
 
 
 def _path_name(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _fit(spec: Tuple[Optional[str], ...], shape: Sequence[int], mesh: Mesh) -> P:

@@ -237,6 +237,26 @@ def _quotient_bounds(bx: Tuple[int, int], by: Tuple[int, int]) -> Tuple[int, int
     return bx[0] - by[1] + 1, bx[1] - by[0] - 1
 
 
+def _scaled_binary(x: Any, y: Any, dtype: Any, bounded: bool, op: Callable, scale_fn: Callable,
+                   bounds_fn: Callable) -> Any:
+    """The body of `mul` and `div`: ``op`` on the data at scale ``scale_fn(sx, sy)``
+    (its non-power-of-two residual folded into the data); handed on unrounded (`Wide`,
+    data bounds from ``bounds_fn``) when deferring, else rounded, and range-guarded
+    unless ``bounded``."""
+    if deferring(dtype):
+        (x, y), bounds = bounded_operands((x, y), bounds_fn)
+    else:
+        x, y = materialised(x), materialised(y)
+    sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
+    s, r = scale_fn(sx, sy)
+    data = times_residual(op(in_scale(x, sx), in_scale(y, sy)), r)
+    if deferring(dtype):
+        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
+    if bounded:
+        return ScaledArray(cast(data, dtype), s)
+    return fit_to_format(data, s, dtype)
+
+
 @register_scaled_op(lax.mul_p, takes_deferred=(Wide,))
 def mul(x: Any, y: Any, **params: Any) -> Any:
     """``x * y`` at scale ``sx * sy``: the product of unit-variance data has unit
@@ -256,20 +276,9 @@ def mul(x: Any, y: Any, **params: Any) -> Any:
     its range guard, when needed, runs once at the end of its elementwise chain; a chain
     whose data bound would leave float32's range materialises (and guards) its operands
     first."""
-    dtype = params.get("out_dtype") or out_dtype(x, y)
     bounded = _bounded_factor(x) or _bounded_factor(y)
-    if deferring(dtype):
-        (x, y), bounds = bounded_operands((x, y), _product_bounds)
-    else:
-        x, y = materialised(x), materialised(y)
-    sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
-    s, r = scale_product(sx, sy)
-    data = times_residual(lax.mul(in_scale(x, sx), in_scale(y, sy)), r)
-    if deferring(dtype):
-        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
-    if bounded:
-        return ScaledArray(cast(data, dtype), s)
-    return fit_to_format(data, s, dtype)
+    dtype = params.get("out_dtype") or out_dtype(x, y)
+    return _scaled_binary(x, y, dtype, bounded, lax.mul, scale_product, _product_bounds)
 
 
 @register_scaled_op(lax.div_p, takes_deferred=(Wide,))
@@ -281,20 +290,7 @@ def div(x: Any, y: Any, **params: Any) -> Any:
     bounds (the divisor's non-zero data are at least its format's smallest subnormal),
     so a float16/float8 quotient is handed on in float32 (`Wide`) and guarded once at
     the end of its chain."""
-    dtype = out_dtype(x, y)
-    bounded = _bounded_factor(y)
-    if deferring(dtype):
-        (x, y), bounds = bounded_operands((x, y), _quotient_bounds)
-    else:
-        x, y = materialised(x), materialised(y)
-    sx, sy = _or_one(scale_of(x)), _or_one(scale_of(y))
-    s, r = scale_quotient(sx, sy)
-    data = times_residual(lax.div(in_scale(x, sx), in_scale(y, sy)), r)
-    if deferring(dtype):
-        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
-    if bounded:
-        return ScaledArray(cast(data, dtype), s)
-    return fit_to_format(data, s, dtype)
+    return _scaled_binary(x, y, out_dtype(x, y), _bounded_factor(y), lax.div, scale_quotient, _quotient_bounds)
 
 
 @register_scaled_op(lax.neg_p, takes_deferred=(Wide,))
