@@ -133,7 +133,9 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
                 # the same without the range guard, to show what the guard costs
                 "unguarded": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(range_guard=False)),
                 # the same with every rule's result rounded (and guarded) at once
-                "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False))}
+                "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False)),
+                # float16 contractions leaving their dot in float16, as on several devices
+                "narrow": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(narrow_contractions=True))}
     if decompose:
         variants["static-scales"] = (with_static_scales(step), plain_args, null)
         variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
@@ -161,7 +163,8 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
     out: Dict[str, Any] = {"median_s": med, "ratio": ratios,
                            "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")},
-                           "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")}}
+                           "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")},
+                           "ratio_narrow": {m: med["narrow"][m] / med["jax"][m] for m in ("compile", "run")}}
     if decompose:
         out["decomposition"] = {
             name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import enum
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +69,17 @@ class ScalifyConfig:
         as XLA's excess precision does in plain float16 JAX. A static bound on each
         value's data keeps float32 from over- or underflowing inside a chain. True by
         default; False rounds and guards every rule's result at once.
+      narrow_contractions: let a contraction of float16 data with a float16 result leave
+        its ``dot_general`` in float16 (float32 accumulation inside it, the operand
+        prescaled by a measured headroom so no partial sum overflows), instead of a
+        float32 output rounded afterwards. XLA's SPMD partitioner sums a contraction
+        split across devices (every weight gradient under data parallelism) in the dot's
+        output dtype, so this halves the bytes of gradient reductions; on one device it
+        only costs the measurements and the prescale. None (the default) decides when
+        tracing: on when more than one device is visible (``jax.device_count() > 1``).
+        Contractions of float8 or bfloat16 data leave in bfloat16 either way (no
+        prescale needed: bfloat16 has float32's range). See
+        `scalify.rules.linalg._reduction_dtype`.
     """
 
     rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
@@ -76,6 +87,7 @@ class ScalifyConfig:
     scales_computed_once: bool = True
     range_guard: bool = True
     defer_rounding: bool = True
+    narrow_contractions: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounding_mode, Pow2RoundMode):
@@ -90,6 +102,10 @@ class ScalifyConfig:
             raise TypeError(f"ScalifyConfig.range_guard must be a bool, got {self.range_guard!r}.")
         if not isinstance(self.defer_rounding, bool):
             raise TypeError(f"ScalifyConfig.defer_rounding must be a bool, got {self.defer_rounding!r}.")
+        if self.narrow_contractions is not None and not isinstance(self.narrow_contractions, bool):
+            raise TypeError(
+                f"ScalifyConfig.narrow_contractions must be None or a bool, got {self.narrow_contractions!r}."
+            )
         if not isinstance(self.scales_computed_once, bool):
             raise TypeError(
                 f"ScalifyConfig.scales_computed_once must be a bool, got {self.scales_computed_once!r}."
@@ -117,6 +133,18 @@ def get_config() -> ScalifyConfig:
     """The innermost active `ScalifyConfig` (the default one outside any `with`)."""
     stack = _stack()
     return stack[-1] if stack else _DEFAULT
+
+
+def narrow_contractions() -> bool:
+    """Whether contractions and measured sums of 16-bit data leave their ``dot_general``
+    in 16 bits (`ScalifyConfig.narrow_contractions`, resolved: by default when more than
+    one device is visible, where XLA may split a contraction across devices)."""
+    on = get_config().narrow_contractions
+    if on is None:
+        import jax  # imported here: the configuration module starts no backend
+
+        return jax.device_count() > 1
+    return on
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from scalify.core.operands import (
     Wide, as_jax, cast, compute_dtype, deferring, format_bounds, needs_guard, saturating_cast, scale_dtype,
     scale_mul, wide_result,
 )
-from scalify.core.config import Pow2RoundMode, get_config
+from scalify.core.config import Pow2RoundMode, get_config, narrow_contractions
 from scalify.core.pow2 import pow2_floor_and_reciprocal, pow2_round, pow2_sqrt_down
 from scalify.core.registry import register_scaled_op
 
@@ -77,11 +77,21 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
         x, wide = x.materialise(), False
     cd = compute_dtype(x.dtype)
-    total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
-    if measured:
+    if measured and not wide and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
+        # Summed by a contraction with a constant vector (see `_sum_by_dot`): a sum over a
+        # dimension sharded across devices is then reduced across them in 16 bits.
+        total, c = _sum_by_dot(as_jax(x.data), tuple(axes), n, params.get("out_sharding"))
+        m, inv_m = _pow2_rms(total)
+        data = lax.mul(total, inv_m)
+        m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
+    elif measured:
+        total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
         normalised = wide and not _fits_mean_square(x, n, total.size)
         m, inv_m = _pow2_rms_normalised(total) if normalised else _pow2_rms(total)
         data = lax.mul(total, inv_m)
+    else:
+        total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
+    if measured:
         if deferring(x.dtype):
             hi = int(np.ceil(np.log2(max(total.size, 1)) / 2)) + 1
             scale = scale_mul(x.scale, cast(m, scale_dtype()))
@@ -98,6 +108,36 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     if factor != 1:
         return ScaledArray(saturating_cast(total, x.dtype), scale_mul(x.scale, factor))
     return ScaledArray(saturating_cast(total, x.dtype), x.scale)
+
+
+_SUM_DOT = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _sum_by_dot(d: Any, axes: Tuple[int, ...], n: int, out_sharding: Any = None) -> Tuple[Any, float]:
+    """``(c * sum(d over axes) in float32, c)``: the sum of 16-bit data ``d`` as a
+    ``dot_general`` with a constant vector ``c``, float32 accumulation inside the dot and
+    a 16-bit output (of ``d``'s dtype).
+
+    Why: XLA's SPMD partitioner computes a sum over a sharded dimension (a bias or
+    embedding gradient's sum over the batch, under data parallelism) as one partial sum
+    per device, then all-reduces the partial results in the dtype the reduction
+    outputs: a float32 ``reduce_sum`` moves twice the bytes of the same gradient in a
+    bfloat16 program; a contraction's partial results move in its output dtype.
+
+    Range: for float16 ``c = 2**-ceil(log2 n)``, so every partial sum, on any device and
+    across them, is at most ``max|d| <= 65504`` (finite); the products ``d * c`` are
+    formed inside the dot's float32 accumulation (exact). The rounding to float16 at the
+    dot's output is the sum's one rounding (the measured normalisation that follows
+    multiplies by a power of two); a sum ``2**24 / n`` below ``max|d|`` or further
+    lands in float16's subnormals, whose absolute error is below the float16 rounding of
+    the data's largest elements. bfloat16 has float32's range: ``c = 1``."""
+    dt = np.dtype(d.dtype)
+    k = int(np.ceil(np.log2(max(n, 1)))) if dt == np.dtype(np.float16) else 0
+    c = 2.0**-k
+    vec = jnp.full([d.shape[a] for a in axes], c, dt)
+    dn = ((axes, tuple(range(len(axes)))), ((), ()))
+    total = lax.dot_general(d, vec, dn, preferred_element_type=dt, out_sharding=out_sharding)
+    return cast(total, np.float32), c
 
 
 def _fits_sum(x: Wide, n: int) -> bool:

@@ -1,6 +1,8 @@
 """Reduction rules: reduce_sum measures its output scale (N >= 16 reduced elements) or
 moves pow2(sqrt(N)) into the scale, max/min keep it, prod raises it to the N-th power,
 argmax/argmin return plain integers."""
+import re
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -226,3 +228,30 @@ def test_float8_reduce_sum_saturates_instead_of_nan():
     out = sfy.scalify(lambda x: lax.reduce_sum(x, (0,)))(x)
     assert float(out.scale) == 2.0
     assert float(np.asarray(out.data, np.float32)) == 448.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+@pytest.mark.parametrize("narrow", [True, False])
+def test_measured_sum_of_16bit_data_leaves_in_16_bits(dtype, narrow):
+    """With `narrow_contractions` (by default: several devices) a measured sum of 16-bit
+    data is a contraction with a constant vector whose output is 16-bit, so a sum over a
+    sharded batch is reduced across devices in 16 bits; its partial sums never overflow:
+    here 4096 products of 2**12 sum to 2**24, far beyond float16, and the value is exact."""
+    x = scaled(np.full((4096, 3), 2.0**12), 2.0**-30, dtype)
+    f = lambda x: lax.reduce_sum(x, (0,))  # as a broadcast's transpose sums a gradient  # noqa: E731
+    config = sfy.ScalifyConfig(narrow_contractions=narrow)
+    with config:
+        text = jax.jit(sfy.scalify(f)).lower(x).as_text()
+        outs = [fn(x) for fn in both(f)]
+    narrow_dt = "f16" if np.dtype(dtype) == np.float16 else "bf16"
+    assert bool(re.search(rf"dot_general.*->\s*tensor<3x{narrow_dt}>", text)) == narrow, text
+    for out in outs:
+        assert_finite(out)
+        assert_pow2_scales([out])
+        np.testing.assert_array_equal(values64(out), 2.0**24 * 2.0**-30)
+    # Zero-mean data: the sum's one rounding, against float64.
+    y = scaled(RNG.standard_normal((512, 7)), 2.0**5, dtype)
+    with config:
+        out = jax.jit(sfy.scalify(f))(y)
+    want = np.sum(np.asarray(y.data, np.float64), 0) * 2.0**5
+    np.testing.assert_allclose(values64(out), want, rtol=rtol_of(dtype), atol=rtol_of(dtype) * np.abs(want).max())
