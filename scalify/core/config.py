@@ -49,7 +49,7 @@ class ScalifyConfig:
         bfloat16 scales save nothing measurable and lose range, so prefer float32).
       scales_computed_once: compute each rule's output scale once, in a small kernel of
         its own, instead of letting XLA copy it into every kernel that uses it (see
-        `scalify.core.operands.computed_once`). True by default: compile time of deep
+        `scalify.core.trace_state.computed_once`). True by default: compile time of deep
         unrolled models drops several-fold (a two-block Flax NNX transformer step: 4x),
         at the cost of a few microseconds per scale per step at run time (measured on
         CPU: +3-4% step time on a small scan transformer). False trades back.
@@ -57,14 +57,14 @@ class ScalifyConfig:
         by more than the format's range (products, powers, quotients, ``exp`` and other
         unbounded functions, contractions) inside a narrow data format (float16,
         float8): the result's max-abs is measured and, when it leaves a safe band, the
-        scale takes the excess (`scalify.core.operands.fit_to_format`). True by
+        scale takes the excess (`scalify.core.range_guard.fit_to_format`). True by
         default; False keeps the static unit-scaling estimates only (data can then
         overflow where float32 would not).
       defer_rounding: let chains of elementwise rules with float16/float8 results hand
         their float32 results on to the next elementwise rule, unrounded and unguarded,
         and round (and range-guard, where a rule of the chain needed it) once, where a
         rule that is not elementwise, or the function's output, reads the value
-        (`scalify.core.operands.Wide`). A layer norm or a GELU then measures one max-abs
+        (`scalify.core.wide.Wide`). A layer norm or a GELU then measures one max-abs
         instead of one per product, and its intermediate values keep float32 precision,
         as XLA's excess precision does in plain float16 JAX. A static bound on each
         value's data keeps float32 from over- or underflowing inside a chain. True by

@@ -24,10 +24,10 @@ output dtype. Scales are chosen per family:
 - **Range guard.** Where the static scale can be off by more than a narrow data format's
   range (a product of two tensors, ``x**3``, a quotient, ``exp`` and other unbounded
   functions), the result is range-guarded for float16 and float8 data
-  (`scalify.core.operands.fit_to_format`): its max-abs is measured and, outside a safe
+  (`scalify.core.range_guard.fit_to_format`): its max-abs is measured and, outside a safe
   band, moved into the scale, so the data is finite wherever the float32 value is.
 - **Deferred rounding** (`ScalifyConfig(defer_rounding=True)`, the default). A float16 or
-  float8 result is handed on in float32 at its static scale (`scalify.core.operands.Wide`)
+  float8 result is handed on in float32 at its static scale (`scalify.core.wide.Wide`)
   to the next elementwise rule, which computes on from it; the value is rounded, and
   range-guarded if any rule of the chain needed the guard, once, where a rule that is not
   elementwise (a contraction, a gather, control flow) or the function's output reads it.

@@ -13,7 +13,7 @@
 
 Every rule computes in float32 (or wider) and rounds once to the output dtype.
 ``reduce_sum``, ``reduce_max`` and ``reduce_min`` read an elementwise chain's float32
-result (`scalify.core.operands.Wide`) unrounded: a measured sum of a product (a variance,
+result (`scalify.core.wide.Wide`) unrounded: a measured sum of a product (a variance,
 a gradient's sum over the batch) never measures the product's range.
 """
 from __future__ import annotations

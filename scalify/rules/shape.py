@@ -11,7 +11,7 @@ dominate the result's precision anyway).
 ``transpose`` also takes a `Deferred` operand: a float32 contraction's result whose
 division is still pending stays pending through it (see `scalify.rules.linalg.Rescaled`).
 ``transpose``, ``reshape``, ``broadcast_in_dim`` and ``squeeze`` carry an elementwise
-chain's float32 result (`scalify.core.operands.Wide`) through unrounded, so that a chain
+chain's float32 result (`scalify.core.wide.Wide`) through unrounded, so that a chain
 broken only by a broadcast (a layer norm's statistics, a bias) still rounds and guards
 once.
 

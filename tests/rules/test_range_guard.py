@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import scalify as sfy
-from scalify.core.operands import fit_to_format, guard_band, is_narrow
+from scalify.core.formats import is_narrow
+from scalify.core.range_guard import fit_to_format, guard_band
 
 
 def _heavy(shape=(64, 32), outlier=300.0, seed=0):
