@@ -75,6 +75,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
+from scalify.core.formats import clip_to_format, saturating_cast
 from scalify.core.operands import as_jax, compute_dtype, is_narrow, promote
 from scalify.core.pow2 import is_static, pow2_round_down, pow2_round_up
 from scalify.core.registry import register_argument_check, register_scaled_op
@@ -127,24 +128,12 @@ def _amax(x: Any) -> jax.Array:
     return jnp.max(jnp.abs(x).astype(_F32), initial=np.float32(0))
 
 
-def _clip_finite(x: jax.Array, dtype: Any) -> jax.Array:
-    """Finite values of ``x`` clipped to the finite range of ``dtype``; inf/NaN kept."""
-    m = _fmax(dtype)
-    if float(ml_dtypes.finfo(x.dtype).max) <= float(m):
-        return x
-    return jnp.where(jnp.isfinite(x), jnp.clip(x, -m, m), x)
-
-
 def _saturating_cast(x: Any, dtype: Any) -> jax.Array:
     """Round ``x`` to ``dtype``, clipping finite values to its largest finite value first:
     float8 E4M3FN has no infinity (an overflowing cast gives NaN, not the max). NaN and
     infinities are kept (an infinity becomes NaN in a format without one), so that a
-    diverged state stays visible."""
-    x = jnp.asarray(x)
-    dtype = np.dtype(dtype)
-    if np.dtype(x.dtype) == dtype:
-        return x
-    return _clip_finite(x, dtype).astype(dtype)
+    diverged state stays visible (`scalify.core.formats.saturating_cast`)."""
+    return saturating_cast(jnp.asarray(x), dtype, overflow="saturate")
 
 
 # --------------------------------------------------------------------------------------
@@ -509,7 +498,7 @@ def stochastic_round(x: Any, dtype: Any, key: jax.Array) -> jax.Array:
     dtype = _check_dtype(dtype, "dtype")
     x = jnp.asarray(x)
     x = x.astype(_cdtype(x))
-    x = _clip_finite(x, dtype)
+    x = clip_to_format(x, dtype)
     near = x.astype(dtype)
     back = near.astype(x.dtype)
     err = x - back  # exact: x and its nearest neighbour are within a factor of 2 (Sterbenz)

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad, batching
 
+from scalify.core import formats
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, fit_to_format, is_narrow
 from scalify.core.registry import register_scaled_op
@@ -92,23 +93,14 @@ def _check_castable(dtype: np.dtype, fname: str) -> None:
         )
 
 
-def _clip_bound(dtype: np.dtype, cd: np.dtype) -> np.ndarray:
-    fmax = min(_format(dtype)[0], float(jnp.finfo(cd).max))
-    return np.asarray(fmax, cd)
-
-
 # --- plain implementations --------------------------------------------------------------
 
 
 def saturating_cast(x: Any, dtype: Any) -> jax.Array:
-    """``x.astype(dtype)`` after clipping to the format's finite range (NaN kept)."""
-    x = as_jax(x)
-    dtype = np.dtype(dtype)
-    cd = compute_dtype(x.dtype)
-    if dtype.itemsize > cd.itemsize:  # a wider target (float64): compute in it
-        cd = dtype
-    m = _clip_bound(dtype, cd)
-    return jnp.clip(x.astype(cd), -m, m).astype(dtype)
+    """``x.astype(dtype)`` after clipping to the format's finite range, infinities
+    included (NaN kept): `scalify.core.formats.saturating_cast` with
+    ``overflow="saturate", infinities="saturate"``."""
+    return formats.saturating_cast(as_jax(x), dtype, overflow="saturate", infinities="saturate")
 
 
 def _mul_pow2(x: Any, e: int) -> Any:
@@ -124,11 +116,10 @@ def simulated_cast(x: Any, dtype: Any) -> jax.Array:
     """The values of ``saturating_cast(x, dtype)``, held in ``x``'s dtype."""
     x = as_jax(x)
     dtype = np.dtype(dtype)
-    fmax, nmant, emin, negzero = _format(dtype)
+    _, nmant, emin, negzero = _format(dtype)
     cd = compute_dtype(x.dtype)
     cfi = jnp.finfo(cd)
-    m = _clip_bound(dtype, cd)
-    y = jnp.clip(x.astype(cd), -m, m)
+    y = formats.clip_to_format(x.astype(cd), dtype, infinities="saturate")
     if nmant < cfi.nmant:
         # Normal range: round the mantissa (ties to even); the exponent range of the
         # compute dtype is kept so that nothing is flushed or overflows here.
