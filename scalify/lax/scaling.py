@@ -28,6 +28,7 @@ from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, in_scale, promote
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down
 from scalify.core.registry import register_scaled_op
+from scalify.core.rms import pow2_rms
 from scalify.lax._primitive import NOT_MAPPED, define_primitive, elementwise_batching
 
 __all__ = [
@@ -121,9 +122,9 @@ def rescale_by_norm(data: Any, scale: Any, norm: str) -> Tuple[Any, Any]:
     """Move the norm of ``data`` into the scale: ``(data / f, scale * f)``, ``f = pow2(norm)``.
 
     ``norm`` is ``"max"`` (largest magnitude), ``"l1"`` (mean magnitude) or ``"l2"``
-    (root mean square), computed in float32 on the data (the L1/L2 norms are computed on
-    data divided by its max, so they never overflow). The value ``data * scale`` is
-    unchanged (exactly, with power-of-two scales). Guards:
+    (root mean square, `scalify.core.rms.pow2_rms`), computed in float32 on the data
+    (the L1/L2 norms are computed on data divided by its max, so they never overflow).
+    The value ``data * scale`` is unchanged (exactly, with power-of-two scales). Guards:
 
     - a zero, subnormal or non-finite norm (all-zero data, NaN/inf data) leaves the
       tensor unchanged: the scale never becomes zero or infinite;
@@ -136,21 +137,20 @@ def rescale_by_norm(data: Any, scale: Any, norm: str) -> Tuple[Any, Any]:
     cd = compute_dtype(data.dtype)
     sdtype = np.dtype(_dtype_of(scale))
     scd = compute_dtype(sdtype)
-    a = jnp.abs(data.astype(cd))
-    m = jnp.max(a)
-    if norm == "max":
-        n = m
+    if norm == "l2":  # the power of two of the RMS, as every measured scale
+        factor = pow2_rms(data.astype(cd), normalise=True)[0].astype(scd)
     else:
-        ok = (m > 0) & jnp.isfinite(m)
-        safe_m = jnp.where(ok, m, jnp.ones((), cd))
-        r = a / safe_m
-        if norm == "l1":
-            n = jnp.mean(r) * safe_m
-        elif norm == "l2":
-            n = jnp.sqrt(jnp.mean(r * r)) * safe_m
+        a = jnp.abs(data.astype(cd))
+        m = jnp.max(a)
+        if norm == "max":
+            n = m
+        elif norm == "l1":
+            ok = (m > 0) & jnp.isfinite(m)
+            safe_m = jnp.where(ok, m, jnp.ones((), cd))
+            n = jnp.mean(a / safe_m) * safe_m
         else:
             raise ValueError(f"rescale_by_norm: unknown norm {norm!r} (expected 'max', 'l1' or 'l2').")
-    factor = pow2_round(n.astype(scd))
+        factor = pow2_round(n.astype(scd))
     fi = jnp.finfo(scd)
     valid = jnp.isfinite(factor) & (factor >= fi.tiny)
     factor = jnp.where(valid, factor, jnp.ones((), scd))
