@@ -92,6 +92,7 @@ from scalify.core.pow2 import (
     exp2_int, exponent, is_static, mantissa, pow2_round, pow2_rsqrt_down, pow2_sqrt_down, xnp,
 )
 from scalify.core.registry import register_scaled_op
+from scalify.rules.same_scale import keep_scale
 
 # --------------------------------------------------------------------------------------
 # Scale helpers local to this family.
@@ -296,18 +297,14 @@ def div(x: Any, y: Any, **params: Any) -> Any:
 @register_scaled_op(lax.neg_p, takes_deferred=(Wide,))
 def neg(x: Any, **params: Any) -> Any:
     """``-x``: same scale, data negated (exact; a `Wide` operand stays Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.neg_p.bind(x.data, **params))
-    return ScaledArray(lax.neg_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.neg_p, x, **params)
 
 
 @register_scaled_op(lax.abs_p, takes_deferred=(Wide,))
 def abs_(x: Any, **params: Any) -> Any:
     """``|x|``: same scale, absolute value of the data (exact; a `Wide` operand stays
     Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.abs_p.bind(x.data, **params))
-    return ScaledArray(lax.abs_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.abs_p, x, **params)
 
 
 @register_scaled_op(lax.sign_p, takes_deferred=(Wide,))
@@ -946,7 +943,7 @@ def reduce_precision(x: ScaledArray, **params: Any) -> ScaledArray:
     """Simulated cast applied to the data, scale kept: the mantissa is rounded as for
     the value (the scale is a power of two) and the exponent range is that of the
     *data*, which is what a real cast of a ScaledArray would see."""
-    return ScaledArray(lax.reduce_precision_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.reduce_precision_p, x, **params)
 
 
 @register_scaled_op(lax.stop_gradient_p, takes_deferred=(Wide,))

@@ -31,6 +31,7 @@ from scalify.core.operands import (
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
 from scalify.core.rms import pow2_rms
+from scalify.rules.same_scale import keep_scale
 
 
 def _num_reduced(shape: Sequence[int], axes: Sequence[int]) -> int:
@@ -116,18 +117,14 @@ def reduce_max(x: Any, **params: Any) -> Any:
     """Max over the equation's axes of the data, same scale: exact, since the scale is
     positive (``max(d * s) == max(d) * s``). A `Wide` operand stays Wide (its float32
     data's max)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.reduce_max_p.bind(x.data, **params))
-    return ScaledArray(lax.reduce_max_p.bind(as_jax(x.data), **params), x.scale)
+    return keep_scale(lax.reduce_max_p, x, **params)
 
 
 @register_scaled_op(lax.reduce_min_p, takes_deferred=(Wide,))
 def reduce_min(x: Any, **params: Any) -> Any:
     """Min over the equation's axes of the data, same scale (exact, see `reduce_max`;
     a `Wide` operand stays Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.reduce_min_p.bind(x.data, **params))
-    return ScaledArray(lax.reduce_min_p.bind(as_jax(x.data), **params), x.scale)
+    return keep_scale(lax.reduce_min_p, x, **params)
 
 
 @register_scaled_op(lax.reduce_prod_p)
