@@ -72,13 +72,14 @@ import ml_dtypes
 import numpy as np
 import optax
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad
 
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
 from scalify.core.formats import clip_to_format, saturating_cast
 from scalify.core.operands import as_jax, compute_dtype, is_narrow, promote
 from scalify.core.pow2 import is_static, pow2_round_down, pow2_round_up
 from scalify.core.registry import register_argument_check, register_scaled_op
+from scalify.lax._primitive import define_primitive
 
 __all__ = ["scaled_state", "ScaledOptState", "apply_updates", "stochastic_round", "storage_cast"]
 
@@ -172,11 +173,12 @@ def _cast_primitive(name: str, impl: Any) -> Primitive:
     (a cast) and whose scaled meaning a rule registered for it gives. Batched
     elementwise; differentiated as a cast (the tangent is cast the same way, a linear
     convert that reverse mode transposes), e.g. through an optimizer step."""
-    prim = Primitive(name)
-    prim.def_impl(lambda x, *, dtype: impl(x, dtype))
-    prim.def_abstract_eval(lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)))
-    mlir.register_lowering(prim, mlir.lower_fun(lambda x, *, dtype: impl(x, dtype), multiple_results=False))
-    batching.primitive_batchers[prim] = lambda args, dims, **params: (prim.bind(args[0], **params), dims[0])
+    prim = define_primitive(
+        name,
+        lambda x, *, dtype: impl(x, dtype),
+        lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)),
+        elementwise=True,
+    )
     ad.defjvp(prim, lambda t, x, *, dtype: jnp.asarray(t).astype(dtype))
     return prim
 

@@ -21,7 +21,7 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
@@ -29,7 +29,7 @@ from scalify.core.operands import as_jax, compute_dtype, in_scale, promote
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down
 from scalify.core.registry import register_scaled_op
 from scalify.core.rms import pow2_rms
-from scalify.lax._primitive import NOT_MAPPED, define_primitive, elementwise_batching
+from scalify.lax._primitive import NOT_MAPPED, define_primitive
 
 __all__ = [
     "get_data_scale",
@@ -353,8 +353,7 @@ def _sts_abstract(x: Any, *, dtype: Any) -> Any:
     return x if dtype is None else x.update(dtype=dtype, weak_type=False)
 
 
-stop_scaling_p = define_primitive("scalify_stop_scaling", _sts_impl, _sts_abstract)
-batching.primitive_batchers[stop_scaling_p] = elementwise_batching(stop_scaling_p)
+stop_scaling_p = define_primitive("scalify_stop_scaling", _sts_impl, _sts_abstract, elementwise=True)
 
 
 @register_scaled_op(stop_scaling_p)
@@ -394,8 +393,7 @@ def _tsc_abstract(ct: Any, *, dtype: Any) -> Any:
     return ct.update(dtype=dtype, weak_type=False)
 
 
-to_scaled_cast_p = define_primitive("scalify_to_scaled_cast", _tsc_impl, _tsc_abstract)
-batching.primitive_batchers[to_scaled_cast_p] = elementwise_batching(to_scaled_cast_p)
+to_scaled_cast_p = define_primitive("scalify_to_scaled_cast", _tsc_impl, _tsc_abstract, elementwise=True)
 
 
 @register_scaled_op(to_scaled_cast_p, always_scaled=True)

@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
 from scalify.core import formats
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, fit_to_format, is_narrow
 from scalify.core.registry import register_scaled_op
-from scalify.lax._primitive import define_primitive, elementwise_batching
+from scalify.lax._primitive import define_primitive
 from scalify.ops._backward import bound, map_on_backward_data
 
 __all__ = [
@@ -141,9 +141,8 @@ def _cast_abstract(x: Any, *, dtype: Any) -> Any:
 
 
 cast_p = define_primitive(
-    "scalify_saturating_cast", lambda x, *, dtype: saturating_cast(x, dtype), _cast_abstract
+    "scalify_saturating_cast", lambda x, *, dtype: saturating_cast(x, dtype), _cast_abstract, elementwise=True
 )
-batching.primitive_batchers[cast_p] = elementwise_batching(cast_p)
 
 
 def _cast_transpose(ct: Any, x: Any, *, dtype: Any) -> Any:
@@ -181,9 +180,8 @@ def _rp_abstract(x: Any, *, dtype: Any) -> Any:
 
 
 reduce_precision_p = define_primitive(
-    "scalify_simulated_cast", lambda x, *, dtype: simulated_cast(x, dtype), _rp_abstract
+    "scalify_simulated_cast", lambda x, *, dtype: simulated_cast(x, dtype), _rp_abstract, elementwise=True
 )
-batching.primitive_batchers[reduce_precision_p] = elementwise_batching(reduce_precision_p)
 
 
 def _rp_jvp(primals: Any, tangents: Any, *, dtype: Any) -> Any:
