@@ -106,6 +106,19 @@ def _scale_value(scale: Any) -> Any:
     return jnp.asarray(scale).astype(sdtype)
 
 
+def _with_scale_operand(prim: Any, on_scaled: Any, x: Any, scale: Any, fname: str) -> Any:
+    """The public ``set_scaling``/``rebalance``: ``scale`` checked; a ScaledArray ``x``
+    handled directly (``on_scaled(x, scale)``: an eager ``bind`` would reject it); any
+    other ``x`` binds ``prim``, whose scaled rule acts inside `scalify` (a ScaledArray
+    ``scale`` is passed as its value)."""
+    scale = _check_scale(scale, fname)
+    if isinstance(x, ScaledArray):
+        return on_scaled(x, scale)
+    if isinstance(scale, ScaledArray):
+        scale = scale.to_array(np.float32)
+    return prim.bind(_as_operand(x), scale)
+
+
 def _unbatch_scale(scale: Any, dim: Any) -> Any:
     """A per-example scale under `vmap` reduced to one shared scale (the largest).
 
@@ -284,12 +297,7 @@ def set_scaling(x: Any, scale: Any) -> Any:
     rescaling (it is used as given). Under `jax.grad` the gradient passes through
     unchanged (``set_scaling`` does not change the value).
     """
-    scale = _check_scale(scale, "set_scaling")
-    if isinstance(x, ScaledArray):
-        return _set_scaling(x, scale)
-    if isinstance(scale, ScaledArray):
-        scale = scale.to_array(np.float32)
-    return set_scaling_p.bind(_as_operand(x), scale)
+    return _with_scale_operand(set_scaling_p, _set_scaling, x, scale, "set_scaling")
 
 
 # --- rebalance -----------------------------------------------------------------------------
@@ -334,12 +342,7 @@ def rebalance(x: Any, scale: Any) -> Any:
     plain array (outside or inside `scalify`) is returned unchanged. Under `jax.grad` the
     gradient passes through unchanged.
     """
-    scale = _check_scale(scale, "rebalance")
-    if isinstance(x, ScaledArray):
-        return _rebalance(x, scale)
-    if isinstance(scale, ScaledArray):
-        scale = scale.to_array(np.float32)
-    return rebalance_p.bind(_as_operand(x), scale)
+    return _with_scale_operand(rebalance_p, _rebalance, x, scale, "rebalance")
 
 
 # --- stop_scaling ----------------------------------------------------------------------------

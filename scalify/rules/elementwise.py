@@ -474,20 +474,26 @@ def _nonzero_or(s: Any, big: float) -> Any:
     return lax.select(lax.eq(s, np.zeros((), s.dtype)), np.asarray(big, s.dtype), s)
 
 
+def _registered(prim: Primitive, rule: Callable[..., Any], doc: str, **options: Any) -> Callable[..., Any]:
+    """``rule``, built by a factory for ``prim``, registered under the primitive's name
+    with the docstring ``doc`` (the one docs/operators.md shows)."""
+    rule.__name__ = prim.name
+    rule.__doc__ = doc
+    return register_scaled_op(prim, **options)(rule)
+
+
 def _comparison(prim: Primitive) -> Callable[..., Any]:
     def rule(x: Any, y: Any, **params: Any) -> Any:
         a, b = _aligned_low(x, y)
         return prim.bind(a, b, **params)
 
-    rule.__name__ = prim.name
-    rule.__doc__ = (
+    return _registered(prim, rule, (
         f"``{prim.name}(x, y)`` as a plain boolean array. Both operands are aligned in "
         "float32 to the *smaller* of their scales: exact for power-of-two scales, no "
         "underflow of the small operand (1e-30 still compares greater than 0 held at "
         "scale 1e30), and an overflow of the large one gives +-inf, which orders "
         "correctly. Unscaled values are never formed."
-    )
-    return register_scaled_op(prim)(rule)
+    ))
 
 
 eq = _comparison(lax.eq_p)
@@ -758,7 +764,6 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
             return ScaledArray(y.astype(x.dtype), t)
         return fit_to_format(y, t, x.dtype)
 
-    rule.__name__ = prim.name
     guard = (
         "Its output is bounded at that scale: no range guard."
         if bounded else
@@ -775,11 +780,11 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
         "Deferred rounding: reads a `Wide` operand's float32 value; its own result is "
         + ("rounded at once." if bounded else "guarded and rounded at once.")
     )
-    rule.__doc__ = (
+    doc = (
         f"``{prim.name}(x)`` computed in float32 on the unscaled value ``d * s`` and "
         f"{_SCALE_DOCS[scale_fn]}. {guard} {deferral}"
     )
-    return register_scaled_op(prim, takes_deferred=(Wide,))(rule)
+    return _registered(prim, rule, doc, takes_deferred=(Wide,))
 
 
 exp = _nonlinear(lax.exp_p, _unit_scale)
@@ -833,13 +838,11 @@ def _special_function(prim: Primitive) -> Callable[..., Any]:
         y = prim.bind(*values, **params)
         return ScaledArray(y.astype(out_dtype(*operands)), one())
 
-    rule.__name__ = prim.name
-    rule.__doc__ = (
+    return _registered(prim, rule, (
         f"``{prim.name}`` of several operands, computed in float32 on their unscaled "
         "values and returned at scale 1 (a special function whose magnitude no single "
         "input scale predicts; incomplete gamma and beta functions lie in [0, 1])."
-    )
-    return register_scaled_op(prim)(rule)
+    ))
 
 
 igamma = _special_function(lax.igamma_p)
