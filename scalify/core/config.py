@@ -69,6 +69,13 @@ class ScalifyConfig:
         as XLA's excess precision does in plain float16 JAX. A static bound on each
         value's data keeps float32 from over- or underflowing inside a chain. True by
         default; False rounds and guards every rule's result at once.
+      measured_min_reduced: ``reduce_sum`` over at least this many elements measures
+        its output scale (the power of two of the sum's RMS) instead of the static
+        ``pow2(sqrt(N))`` estimate (see `scalify.rules.reductions.reduce_sum`). Smaller
+        reductions, whose output is nearly as large as their input, keep the static
+        estimate, so that measuring never costs a pass over a large tensor. 16 by
+        default; a huge value makes every sum static (benchmarks/overhead.py does, to
+        show what measuring costs).
     """
 
     rounding_mode: Pow2RoundMode = Pow2RoundMode.DOWN
@@ -76,6 +83,7 @@ class ScalifyConfig:
     scales_computed_once: bool = True
     range_guard: bool = True
     defer_rounding: bool = True
+    measured_min_reduced: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounding_mode, Pow2RoundMode):
@@ -90,6 +98,10 @@ class ScalifyConfig:
             raise TypeError(f"ScalifyConfig.range_guard must be a bool, got {self.range_guard!r}.")
         if not isinstance(self.defer_rounding, bool):
             raise TypeError(f"ScalifyConfig.defer_rounding must be a bool, got {self.defer_rounding!r}.")
+        n = self.measured_min_reduced
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise TypeError(f"ScalifyConfig.measured_min_reduced must be a positive int, got {n!r}.")
+        object.__setattr__(self, "measured_min_reduced", int(n))
         if not isinstance(self.scales_computed_once, bool):
             raise TypeError(
                 f"ScalifyConfig.scales_computed_once must be a bool, got {self.scales_computed_once!r}."

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from jax import lax
 
+from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import (
     Wide, as_jax, cast, compute_dtype, deferring, format_bounds, needs_guard, saturating_cast, scale_dtype,
@@ -38,17 +39,11 @@ def _num_reduced(shape: Sequence[int], axes: Sequence[int]) -> int:
     return int(np.prod([shape[a] for a in axes], dtype=np.int64))
 
 
-# Reductions over at least this many elements measure their output scale (see
-# `reduce_sum`); smaller ones, whose output is nearly as large as the input, keep the
-# static rule so that measuring never costs a pass over a large tensor.
-MEASURED_MIN_REDUCED = 16
-
-
 @register_scaled_op(lax.reduce_sum_p, takes_deferred=(Wide,))
 def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     """Sum over ``axes`` (in float32, rounded once to the data dtype), with an output
-    scale measured from the sum itself when N >= `MEASURED_MIN_REDUCED` elements are
-    reduced, and ``x.scale * pow2(sqrt(N))`` otherwise.
+    scale measured from the sum itself when N >= `ScalifyConfig.measured_min_reduced`
+    (16) elements are reduced, and ``x.scale * pow2(sqrt(N))`` otherwise.
 
     Why measured: the static rule is right for N independent zero-mean terms (standard
     deviation sqrt(N)), but the sums that models take are often of correlated or
@@ -71,7 +66,7 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     output only).
     """
     n = _num_reduced(x.shape, axes)
-    measured = n >= MEASURED_MIN_REDUCED
+    measured = n >= get_config().measured_min_reduced
     wide = isinstance(x, Wide)
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
         x, wide = x.materialise(), False

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import scalify as sfy
-from scalify.rules.reductions import MEASURED_MIN_REDUCED
+from scalify.core.config import get_config
 from tests.utils import requires, both, assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
@@ -29,7 +29,7 @@ def pow2_sqrt_down(n):
 def expected_scale(x, axes):
     """The rule's documented output scale for ``reduce_sum(x, axes)``."""
     n = int(np.prod([x.shape[a] for a in axes]))
-    if n < MEASURED_MIN_REDUCED:
+    if n < get_config().measured_min_reduced:
         return float(x.scale) * pow2_sqrt_down(n)
     total = np.sum(np.asarray(x.data, np.float64), axes)
     rms = np.sqrt(np.mean(total**2))
