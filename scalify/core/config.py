@@ -5,11 +5,10 @@ scalified function), not when the compiled function runs: change it before traci
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -129,13 +128,3 @@ def get_config() -> ScalifyConfig:
     """The innermost active `ScalifyConfig` (the default one outside any `with`)."""
     stack = _stack()
     return stack[-1] if stack else _DEFAULT
-
-
-@contextlib.contextmanager
-def _no_config() -> Iterator[None]:  # used by tests to reset the stack
-    saved = list(_stack())
-    _stack().clear()
-    try:
-        yield
-    finally:
-        _stack()[:] = saved

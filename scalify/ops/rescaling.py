@@ -37,8 +37,6 @@ __all__ = [
     "dynamic_rescale_max_grad",
 ]
 
-_NORMS = ("l1", "l2", "max")
-
 # Under vmap the batch shares one ScaledArray, hence one norm over the whole batch.
 dynamic_rescale_p = define_primitive(
     "scalify_dynamic_rescale", lambda x, *, norm: x, lambda x, *, norm: x, elementwise=True
