@@ -48,10 +48,10 @@ class ScalifyConfig:
         bfloat16 scales save nothing measurable and lose range, so prefer float32).
       scales_computed_once: compute each rule's output scale once, in a small kernel of
         its own, instead of letting XLA copy it into every kernel that uses it (see
-        `scalify.core.trace_state.computed_once`). True by default: compile time of deep
-        unrolled models drops several-fold (a two-block Flax NNX transformer step: 4x),
-        at the cost of a few microseconds per scale per step at run time (measured on
-        CPU: +3-4% step time on a small scan transformer). False trades back.
+        `scalify.core.trace_state.computed_once`). True by default: deep unrolled models
+        compile much faster, at the cost of one small scalar kernel per scale per step at
+        run time (the measurements are in the README's overhead results). False trades
+        back.
       range_guard: keep the data of every rule whose static scale estimate can be wrong
         by more than the format's range (products, powers, quotients, ``exp`` and other
         unbounded functions, contractions) inside a narrow data format (float16,
