@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scalify import _jax_compat
 from scalify.core.config import Pow2RoundMode
 from scalify.core.pow2 import is_static
 from scalify.core.rms import pow2_rms
@@ -146,7 +147,7 @@ def is_scaled_leaf(x: Any) -> bool:
 
 
 def _check_concrete_scale(scale: Any) -> None:
-    if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
+    if isinstance(scale, jax.Array) and not _jax_compat.is_tracer(scale):
         s = np.asarray(scale)
         if not (np.isfinite(s) and s >= 0):
             raise ValueError(f"ScaledArray scale must be finite and >= 0, got {s}.")
@@ -210,7 +211,7 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
         if np.shape(scale) != ():
             raise TypeError(f"as_scaled_array: scale must be a scalar, got shape {np.shape(scale)}.")
         _check_concrete_scale(scale)
-        if not isinstance(scale, jax.core.Tracer) and float(scale) == 0:
+        if not _jax_compat.is_tracer(scale) and float(scale) == 0:
             raise ValueError("as_scaled_array: scale=0 would drop the values (data = x / 0); "
                              "leave scale=None: all-zero leaves get scale 0 by themselves.")
     if dtype is not None and not is_float_dtype(dtype):

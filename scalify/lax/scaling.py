@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad
 
+from scalify import _jax_compat
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, in_scale, promote
@@ -89,7 +90,7 @@ def _check_scale(scale: Any, fname: str) -> Any:
         if not jnp.issubdtype(scale.dtype, jnp.integer):
             raise TypeError(f"{fname}: scale must be a positive float scalar, got dtype {scale.dtype}.")
         scale = jnp.asarray(scale).astype(get_config().scale_dtype)
-    if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
+    if isinstance(scale, jax.Array) and not _jax_compat.is_tracer(scale):
         v = np.asarray(scale)
         if not (np.isfinite(v) and v > 0):
             raise ValueError(f"{fname}: scale must be positive and finite, got {v}.")
