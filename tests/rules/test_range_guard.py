@@ -1,5 +1,5 @@
-"""Range safety (DESIGN §3.3): wherever float32 gives a finite value inside the scale
-range, a rule's data is finite, whatever the data distribution of its operands.
+"""Range safety (docs/design.md, contract item 3): wherever float32 gives a finite value
+inside the scale range, a rule's data is finite, whatever the data distribution of its operands.
 
 Oracle: plain float32 JAX on the values the float16 ScaledArrays represent.
 """

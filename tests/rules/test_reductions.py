@@ -77,7 +77,8 @@ def test_reduce_sum_keeps_unit_variance(offset):
 
 
 def test_reduce_sum_of_zeros_is_the_zero_tensor():
-    """An all-zero sum carries no magnitude: scale 0 (DESIGN §3.4), data 0."""
+    """An all-zero sum carries no magnitude: scale 0 (docs/design.md,
+    contract item 4), data 0."""
     x = scaled(np.zeros((64, 3)), 2.0**-3, np.float16)
     out = jax.jit(sfy.scalify(lambda x: lax.reduce_sum(x, (0,))))(x)
     assert float(out.scale) == 0.0
