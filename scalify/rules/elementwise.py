@@ -56,6 +56,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.formats import clip_to_format
 from scalify.core.operands import (
     Wide,
     as_jax,
@@ -901,8 +902,9 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     ScaledArray moves between float32, float16 and float8 without changing its
     magnitude); narrowing into float16 or a float8 format is range-guarded
     (`fit_to_format`: data beyond the format moves its excess into the scale); other
-    finite data beyond a format without infinities saturates instead of becoming NaN. To an integer dtype: the value is
-    unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain).
+    finite data beyond a format without infinities saturates instead of becoming NaN
+    (`scalify.core.formats.clip_to_format`). To an integer dtype: the value is unscaled
+    in float32 and cast (plain output). To bool: ``data != 0`` (plain).
 
     Deferred rounding: a narrowing cast into float16/float8 is handed on in float32
     (`Wide`, guarded where the next rule that is not elementwise reads it). A `Wide`
@@ -930,10 +932,9 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     if is_float_dtype(new):
         d = x.data
         if not _has_inf(new) and _has_inf(x.dtype):
-            m = np.asarray(jnp.finfo(new).max, np.float64)
-            if m < float(jnp.finfo(x.dtype).max):
-                m = jnp.asarray(m, d.dtype)
-                d = jnp.where(jnp.isinf(d), d, jnp.clip(d, -m, m))
+            # An overflowing cast into a format without infinity gives NaN: finite data
+            # beyond it saturate (infinities stay visible, as NaN).
+            d = clip_to_format(d, new)
         data = lax.convert_element_type_p.bind(d, new_dtype=new_dtype, **params)
         return ScaledArray(data, x.scale)
     if new == np.dtype(bool):
