@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -41,7 +42,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scalify as sfy  # noqa: E402
-import scalify.rules.reductions as reductions  # noqa: E402
 import gpt  # noqa: E402
 
 
@@ -117,13 +117,10 @@ def with_static_scales(step: Callable) -> Callable:
 
 @contextlib.contextmanager
 def static_sums():
-    """Every ``reduce_sum`` traced inside takes the static ``pow2(sqrt(N))`` scale rule."""
-    saved = reductions.MEASURED_MIN_REDUCED
-    reductions.MEASURED_MIN_REDUCED = np.iinfo(np.int64).max
-    try:
+    """Every ``reduce_sum`` traced inside takes the static ``pow2(sqrt(N))`` scale rule
+    (`ScalifyConfig.measured_min_reduced` beyond any tensor's size)."""
+    with dataclasses.replace(sfy.core.get_config(), measured_min_reduced=np.iinfo(np.int64).max):
         yield
-    finally:
-        reductions.MEASURED_MIN_REDUCED = saved
 
 
 def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,

@@ -75,13 +75,15 @@ import ml_dtypes
 import numpy as np
 import optax
 from jax.extend.core import Primitive, jaxpr_as_fun
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad
 
 from scalify._jax_compat import is_tracer
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
+from scalify.core.formats import clip_to_format, saturating_cast
 from scalify.core.operands import as_jax, compute_dtype, is_narrow, promote
 from scalify.core.pow2 import is_static, pow2_round_down, pow2_round_up
 from scalify.core.registry import register_argument_check, register_scaled_op
+from scalify.lax._primitive import define_primitive
 
 __all__ = ["scaled_state", "ScaledOptState", "apply_updates", "stochastic_round", "storage_cast"]
 
@@ -131,24 +133,12 @@ def _amax(x: Any) -> jax.Array:
     return jnp.max(jnp.abs(x).astype(_F32), initial=np.float32(0))
 
 
-def _clip_finite(x: jax.Array, dtype: Any) -> jax.Array:
-    """Finite values of ``x`` clipped to the finite range of ``dtype``; inf/NaN kept."""
-    m = _fmax(dtype)
-    if float(ml_dtypes.finfo(x.dtype).max) <= float(m):
-        return x
-    return jnp.where(jnp.isfinite(x), jnp.clip(x, -m, m), x)
-
-
 def _saturating_cast(x: Any, dtype: Any) -> jax.Array:
     """Round ``x`` to ``dtype``, clipping finite values to its largest finite value first:
     float8 E4M3FN has no infinity (an overflowing cast gives NaN, not the max). NaN and
     infinities are kept (an infinity becomes NaN in a format without one), so that a
-    diverged state stays visible."""
-    x = jnp.asarray(x)
-    dtype = np.dtype(dtype)
-    if np.dtype(x.dtype) == dtype:
-        return x
-    return _clip_finite(x, dtype).astype(dtype)
+    diverged state stays visible (`scalify.core.formats.saturating_cast`)."""
+    return saturating_cast(jnp.asarray(x), dtype, overflow="saturate")
 
 
 # --------------------------------------------------------------------------------------
@@ -194,11 +184,12 @@ def _cast_primitive(name: str, impl: Any) -> Primitive:
     (a cast) and whose scaled meaning a rule registered for it gives. Batched
     elementwise; differentiated as a cast (the tangent is cast the same way, a linear
     convert that reverse mode transposes), e.g. through an optimizer step."""
-    prim = Primitive(name)
-    prim.def_impl(lambda x, *, dtype: impl(x, dtype))
-    prim.def_abstract_eval(lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)))
-    mlir.register_lowering(prim, mlir.lower_fun(lambda x, *, dtype: impl(x, dtype), multiple_results=False))
-    batching.primitive_batchers[prim] = lambda args, dims, **params: (prim.bind(args[0], **params), dims[0])
+    prim = define_primitive(
+        name,
+        lambda x, *, dtype: impl(x, dtype),
+        lambda x, *, dtype: jax.core.ShapedArray(x.shape, np.dtype(dtype)),
+        elementwise=True,
+    )
     ad.defjvp(prim, lambda t, x, *, dtype: jnp.asarray(t).astype(dtype))
     return prim
 
@@ -389,12 +380,10 @@ def _call_jvp(primals: Any, tangents: Any, *, jaxpr: Any, like: Any) -> Any:
     return jax.jvp(jaxpr_as_fun(jaxpr), tuple(primals), tuple(tangents))
 
 
-float32_call_p = Primitive("scalify_float32_call")
-float32_call_p.multiple_results = True
-float32_call_p.def_impl(_call_impl)
-float32_call_p.def_abstract_eval(lambda *avals, jaxpr, like: jaxpr.out_avals)
-mlir.register_lowering(float32_call_p, mlir.lower_fun(_call_impl, multiple_results=True))
-batching.primitive_batchers[float32_call_p] = _call_batching
+float32_call_p = define_primitive(
+    "scalify_float32_call", _call_impl, lambda *avals, jaxpr, like: jaxpr.out_avals,
+    multiple_results=True, batching_rule=_call_batching,
+)
 ad.primitive_jvps[float32_call_p] = _call_jvp
 
 
@@ -609,7 +598,7 @@ def stochastic_round(x: Any, dtype: Any, key: jax.Array) -> jax.Array:
     dtype = _check_dtype(dtype, "dtype")
     x = jnp.asarray(x)
     x = x.astype(_cdtype(x))
-    x = _clip_finite(x, dtype)
+    x = clip_to_format(x, dtype)
     near = x.astype(dtype)
     back = near.astype(x.dtype)
     err = x - back  # exact: x and its nearest neighbour are within a factor of 2 (Sterbenz)
