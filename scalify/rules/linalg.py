@@ -77,8 +77,8 @@ class Rescaled(Deferred):
     kernel. Exact: the factor is a power of two.
 
     Only for float32 data: a narrower result is rounded to its dtype at once (the
-    division rides along with that rounding), and deferring it measured slower: the
-    float16 GPT step of `benchmarks/overhead.py` ran 17% longer on CPU."""
+    division rides along with that rounding); deferring that rounding measured slower
+    on the float16 GPT step of `benchmarks/overhead.py`."""
 
     def __init__(self, acc: Any, factor: Any, dtype: Any, scale: Any):
         self.acc, self.factor, self.dtype, self.scale = acc, factor, dtype, scale
