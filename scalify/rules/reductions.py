@@ -76,7 +76,7 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
         # Summed by a contraction with a constant vector (see `_sum_by_dot`): a sum over a
         # dimension sharded across devices is then reduced across them in 16 bits.
         total, c = _sum_by_dot(as_jax(x.data), tuple(axes), n, params.get("out_sharding"))
-        m, inv_m = pow2_rms(total)
+        m, inv_m = pow2_rms(total, normalise=False)  # float16 sums: squares fit float32
         data = lax.mul(total, inv_m)
         m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
     elif measured:
