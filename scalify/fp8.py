@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,9 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from scalify import _jax_compat
+from scalify.core import walker
 from scalify.core.datatype import ScaledArray, is_scaled_leaf
+from scalify.core.interpreter import scalify
 
 E4M3 = np.dtype(jnp.float8_e4m3fn)
 E5M2 = np.dtype(jnp.float8_e5m2)
@@ -411,10 +413,7 @@ def _count_matmuls(jaxpr: Jaxpr, policy: _Policy) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         n += _is_matmul(eqn, policy)
-        for _, v in _subjaxprs(eqn.params):
-            for b in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(b, (ClosedJaxpr, Jaxpr)):
-                    n += _count_matmuls(_open(b), policy)
+        n += sum(_count_matmuls(body, policy) for body in walker.sub_jaxprs(eqn.params))
     return n
 
 
@@ -439,9 +438,9 @@ def _output_matmuls(jaxpr: Jaxpr, outvars: Sequence[Any], policy: _Policy) -> se
         if _is_matmul(eqn, policy):
             found.add(id(eqn))
             continue
-        bodies = [b for _, b in _subjaxprs(eqn.params) if isinstance(b, (ClosedJaxpr, Jaxpr))]
-        if len(bodies) == 1 and len(_open(bodies[0]).outvars) == len(eqn.outvars):
-            body = _open(bodies[0])
+        bodies = [b for _, b in walker.jaxpr_params(eqn.params) if isinstance(b, (ClosedJaxpr, Jaxpr))]
+        if len(bodies) == 1 and len(walker.unpack(bodies[0])[0].outvars) == len(eqn.outvars):
+            body = walker.unpack(bodies[0])[0]
             inner = _output_matmuls(body, [body.outvars[eqn.outvars.index(v)]], policy)
             if inner:
                 found |= inner
@@ -450,27 +449,13 @@ def _output_matmuls(jaxpr: Jaxpr, outvars: Sequence[Any], policy: _Policy) -> se
     return found
 
 
-def _subjaxprs(params: Dict[str, Any]) -> Iterable[Tuple[str, Any]]:
-    for k, v in params.items():
-        if isinstance(v, (ClosedJaxpr, Jaxpr)):
-            yield k, v
-        elif isinstance(v, (tuple, list)) and any(isinstance(b, (ClosedJaxpr, Jaxpr)) for b in v):
-            yield k, v
-
-
-def _open(j: Any) -> Jaxpr:
-    return j.jaxpr if isinstance(j, ClosedJaxpr) else j
-
-
 def _has_target(jaxpr: Jaxpr, policy: _Policy, prefix: str) -> bool:
     for eqn in jaxpr.eqns:
         name = _join(prefix, _jax_compat.name_stack(eqn))
         if _is_target(eqn, policy, name):
             return True
-        for _, v in _subjaxprs(eqn.params):
-            subs = v if isinstance(v, (tuple, list)) else (v,)
-            if any(_has_target(_open(s), policy, name) for s in subs if isinstance(s, (ClosedJaxpr, Jaxpr))):
-                return True
+        if any(_has_target(body, policy, name) for body in walker.sub_jaxprs(eqn.params)):
+            return True
     return False
 
 
@@ -480,8 +465,7 @@ def _aval_spec(aval: Any) -> Any:
 
 def _rewrite_sub(sub: Any, policy: _Policy, prefix: str) -> Any:
     """A rewritten copy of a sub-jaxpr (same input and output avals)."""
-    jaxpr = _open(sub)
-    consts = sub.consts if isinstance(sub, ClosedJaxpr) else []
+    jaxpr, consts = walker.unpack(sub)
     if not isinstance(sub, ClosedJaxpr) and jaxpr.constvars:
         raise NotImplementedError("an open sub-jaxpr with constants")
     if not _has_target(jaxpr, policy, prefix):
@@ -499,7 +483,7 @@ def _rewrite_sub(sub: Any, policy: _Policy, prefix: str) -> Any:
 
 
 def _rewrite_params(eqn: Any, policy: _Policy, name: str) -> Optional[Dict[str, Any]]:
-    subs = list(_subjaxprs(eqn.params))
+    subs = list(walker.jaxpr_params(eqn.params))
     if not subs:
         return None
     params = dict(eqn.params)
@@ -524,16 +508,6 @@ def _rewrite_params(eqn: Any, policy: _Policy, name: str) -> Optional[Dict[str, 
         )
         return None
     return params if changed else None
-
-
-def _bind(eqn: Any, invals: Sequence[Any], params: Dict[str, Any]) -> List[Any]:
-    bind_params = eqn.primitive.get_bind_params(params)
-    if isinstance(bind_params, tuple):  # (subfuns, params)
-        subfuns, bind_params = bind_params
-        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
-    else:
-        out = eqn.primitive.bind(*invals, **bind_params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _replace(eqn: Any, invals: Sequence[Any], policy: _Policy) -> Any:
@@ -570,41 +544,17 @@ def _eval(
     jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], policy: _Policy, prefix: str
 ) -> List[Any]:
     """Evaluate ``jaxpr`` binding every equation as it is, except the targeted matmuls
-    (float8 custom VJPs) and the sub-jaxprs that contain some (rewritten copies)."""
-    env: Dict[Any, Any] = {}
+    (float8 custom VJPs) and the sub-jaxprs that contain some (rewritten copies). Each
+    equation is bound under its own source line and name stack: scalify's errors and
+    telemetry, and the ``keep`` filters of a later trace, still name the user's code."""
 
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    def evaluate(eqn: Any, invals: List[Any]) -> List[Any]:
         name = _join(prefix, _jax_compat.name_stack(eqn))
-        with _jax_compat.equation_context(eqn):
-            if _is_target(eqn, policy, name):
-                outs = [_replace(eqn, invals, policy)]
-            else:
-                params = _rewrite_params(eqn, policy, name)
-                outs = _bind(eqn, invals, eqn.params if params is None else params)
-        for v, o in zip(eqn.outvars, outs):
-            if type(v).__name__ != "DropVar":
-                env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+        if _is_target(eqn, policy, name):
+            return [_replace(eqn, invals, policy)]
+        return walker.bind(eqn, invals, _rewrite_params(eqn, policy, name))
 
-
-def _is_traced_leaf(x: Any) -> bool:
-    return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic, int, float, bool, complex)) or (
-        hasattr(x, "shape") and hasattr(x, "dtype")
-    )
-
-
-def _abstract(x: Any) -> Any:
-    if isinstance(x, ScaledArray):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return x
+    return walker.eval_jaxpr(jaxpr, consts, args, evaluate, source_context=True)
 
 
 def _float_dtype(name: str, dtype: Any) -> np.dtype:
@@ -688,19 +638,8 @@ def autocast(
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_scaled_leaf)
-        traced = [i for i, x in enumerate(leaves) if _is_traced_leaf(x)]
-
-        def flat_fun(*flat: Any) -> Any:
-            full = list(leaves)
-            for i, x in zip(traced, flat):
-                full[i] = x
-            a, k = jax.tree.unflatten(treedef, full)
-            return fn(*a, **k)
-
-        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
-            *[_abstract(leaves[i]) for i in traced]
-        )
-        out_tree = jax.tree.structure(out_shape)
+        traced = walker.trace(fn, leaves, treedef)
+        closed = traced.jaxpr
 
         traced_policy = policy
         if policy.keep_output:
@@ -710,15 +649,11 @@ def autocast(
                 traced_policy = dataclasses.replace(policy, kept=frozenset(kept))
 
         def run(*flat: Any) -> Any:
-            outs = _eval(closed.jaxpr, closed.consts, flat, traced_policy, "")
-            return jax.tree.unflatten(out_tree, outs)
+            return traced.rebuild(_eval(closed.jaxpr, closed.consts, flat, traced_policy, ""))
 
-        flat_args = [leaves[i] for i in traced]
-        if any(isinstance(x, ScaledArray) for x in flat_args):
-            from scalify.core.interpreter import scalify
-
-            return scalify(run)(*flat_args)
-        return run(*flat_args)
+        if any(isinstance(x, ScaledArray) for x in traced.args):
+            return scalify(run)(*traced.args)
+        return run(*traced.args)
 
     return wrapped
 

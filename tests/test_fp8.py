@@ -319,6 +319,34 @@ def test_composes_with_jit_remat_cond_and_vmap():
         assert 1e-3 < rel_err(a, b) < 0.3
 
 
+def test_python_numbers_stay_static_and_errors_name_the_user_line():
+    """A Python bool or float argument is not traced (as under `scalify`): Python code
+    can branch on it. Rebound equations keep their source lines, so that scalify's
+    error for an unsupported primitive still names the user's code."""
+
+    def loss(x, w, train, k):
+        h = x @ w
+        if train:
+            h = h * k
+        return jnp.sum(h**2)
+
+    x, w = normal((8, 16), 1), normal((16, 4), 2, 1 / 4)
+    g = jax.grad(fp8.autocast(loss, keep_output=False), argnums=1)(x, w, True, 2.0)
+    g0 = jax.grad(loss, argnums=1)(x, w, True, 2.0)
+    assert 1e-3 < rel_err(g, g0) < 0.3
+
+    prim = jax.extend.core.Primitive("my_custom_op")
+    prim.def_abstract_eval(lambda a: a)
+
+    def f(x, w):
+        return prim.bind(x) @ w
+
+    with pytest.raises(sfy.UnsupportedPrimitiveError) as info:
+        sfy.scalify(fp8.autocast(f))(sfy.as_scaled_array(x), w)
+    msg = str(info.value)
+    assert "my_custom_op" in msg and os.path.basename(__file__) in msg, msg
+
+
 def test_equinox_mlp():
     import equinox as eqx
 
