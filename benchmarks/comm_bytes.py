@@ -56,7 +56,9 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from scalify import fp8  # its HLO text helpers (importing starts no backend: XLA_FLAGS still apply)
+# fp8's HLO text reader: index just past the bracket group opening at s[start] (importing
+# it starts no backend: XLA_FLAGS still apply).
+from scalify.fp8._hlo import balanced as _balanced
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -86,9 +88,6 @@ def shapes_of(type_str: str) -> List[Tuple[str, Tuple[int, ...]]]:
     """``[(dtype, dims)]`` of an HLO type (an array or a tuple of arrays)."""
     return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
             for m in _SHAPE.finditer(re.sub(r"/\*.*?\*/", "", type_str)) if itemsize(m.group(1)) or m.group(1) == "token"]
-
-
-_balanced = fp8._balanced  # index just past the bracket group opening at s[start]
 
 
 @dataclasses.dataclass
