@@ -10,7 +10,7 @@ Inside `scalify` the casts act on a `ScaledArray`'s data and keep its scale: the
 magnitude lives in the scale, so a cast to float8 is all that float8 needs (no amax
 history, no loss scaling). A ScaledArray's scale is one float32 per tensor, so the
 program is the per-tensor-scaled float8 GEMM that XLA's GPU compiler maps onto
-cuBLASLt on Ada/Hopper (see the comment in `_dot_fwd`). `jax.nn.scaled_matmul` is a
+cuBLASLt on Ada/Hopper (see the comment in `_Dot.forward`). `jax.nn.scaled_matmul` is a
 different thing: block scales (MXFP8: one E8M0 scale per 32 values) for cuDNN's
 block-scaled GEMM on Blackwell.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -36,46 +36,82 @@ def _cast(x: Any, dtype: np.dtype, rescale: bool) -> Any:
     return ops.cast_on_forward(x, dtype)
 
 
+# --------------------------------------------------------------------------------------
+# The products: how each multiplies and how its operand gradients are computed.
+# --------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
-class _DotSpec:
+class _Dot:
+    """``dot_general`` with the equation's dimension numbers and output sharding."""
+
     dimension_numbers: Any
     out_sharding: Any
-    lhs_dtype: np.dtype
-    rhs_dtype: np.dtype
-    out_dtype: np.dtype
-    fwd_dtype: np.dtype
-    bwd_dtype: np.dtype
-    rescale: Optional[str]
+
+    @classmethod
+    def of(cls, params: Dict[str, Any]) -> "_Dot":
+        dims = tuple(tuple(tuple(int(d) for d in ds) for ds in pair) for pair in params["dimension_numbers"])
+        return cls(dims, params.get("out_sharding"))
+
+    def forward(self, x: Any, y: Any, out_dtype: np.dtype) -> Any:
+        # XLA's GPU gemm rewriter turns a dot whose operands are float8 *directly* into the
+        # cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`): MatchFp8Param's "directly operating
+        # on an FP8 operand" case, besides the convert(f8) [* scalar scale] dequantize
+        # pattern; outputs f32/bf16/f16/f8 are accepted, one operand must be E4M3, each
+        # operand needs one contracting and one non-contracting dimension (after XLA's dot
+        # canonicalisation), and a following multiply by a broadcast scalar constant is
+        # folded into the GEMM's alpha (HandleMultiply). Source: openxla/xla,
+        # xla/service/gpu/transforms/gemm_rewriter.cc (MatchFp8Param, CreateF8CustomCall,
+        # HandleMultiply); the rewriter itself transposes operands to the layout cuBLASLt
+        # wants and pads dimensions to multiples of 16. When it cannot, it silently turns
+        # the dot into a float16 one (TurnF8DotIntoF16Dot): `matmul_report` catches that.
+        # Inside scalify the data are float8 and the scale stays outside, so the program is
+        # exactly dot(f8, f8) -> f32 times a power-of-two constant (the fan-in factor) for a
+        # float32 result, and dot(f8, f8) -> bf16 for a narrower one (float16 data): float32
+        # accumulation inside the GEMM, half the bytes out of it, which is also the dtype in
+        # which XLA's SPMD partitioner sums a sharded contraction's partial results
+        # (scalify.rules.linalg._reduction_dtype).
+        return lax.dot_general(
+            x, y, self.dimension_numbers, preferred_element_type=out_dtype, out_sharding=self.out_sharding
+        )
+
+    def backward(self, g: Any, x: Any, y: Any, lhs_dtype: np.dtype, rhs_dtype: np.dtype) -> Tuple[Any, Any]:
+        dims = self.dimension_numbers
+        dx = _dot_grad(g, y, dims, x.ndim, 0, lhs_dtype, _sharding_of(x))
+        dy = _dot_grad(g, x, dims, y.ndim, 1, rhs_dtype, _sharding_of(y))
+        return dx, dy
 
 
-def _dot_fwd(spec: _DotSpec, x: Any, y: Any) -> Tuple[Any, Tuple[Any, Any]]:
-    # XLA's GPU gemm rewriter turns a dot whose operands are float8 *directly* into the
-    # cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`): MatchFp8Param's "directly operating
-    # on an FP8 operand" case, besides the convert(f8) [* scalar scale] dequantize
-    # pattern; outputs f32/bf16/f16/f8 are accepted, one operand must be E4M3, each
-    # operand needs one contracting and one non-contracting dimension (after XLA's dot
-    # canonicalisation), and a following multiply by a broadcast scalar constant is
-    # folded into the GEMM's alpha (HandleMultiply). Source: openxla/xla,
-    # xla/service/gpu/transforms/gemm_rewriter.cc (MatchFp8Param, CreateF8CustomCall,
-    # HandleMultiply); the rewriter itself transposes operands to the layout cuBLASLt
-    # wants and pads dimensions to multiples of 16. When it cannot, it silently turns
-    # the dot into a float16 one (TurnF8DotIntoF16Dot): `matmul_report` catches that.
-    # Inside scalify the data are float8 and the scale stays outside, so the program is
-    # exactly dot(f8, f8) -> f32 times a power-of-two constant (the fan-in factor) for a
-    # float32 result, and dot(f8, f8) -> bf16 for a narrower one (float16 data): float32
-    # accumulation inside the GEMM, half the bytes out of it, which is also the dtype in
-    # which XLA's SPMD partitioner sums a sharded contraction's partial results
-    # (scalify.rules.linalg._reduction_dtype).
-    x8 = _cast(x, spec.fwd_dtype, spec.rescale == "all")
-    y8 = _cast(y, spec.fwd_dtype, spec.rescale == "all")
-    out = lax.dot_general(
-        x8,
-        y8,
-        spec.dimension_numbers,
-        preferred_element_type=spec.out_dtype,
-        out_sharding=spec.out_sharding,
-    )
-    return out, (x8, y8)
+@dataclasses.dataclass(frozen=True)
+class _Conv:
+    """``conv_general_dilated`` with the equation's parameters (sorted, hashable), its
+    output type left to each call."""
+
+    params: Tuple[Tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, params: Dict[str, Any]) -> "_Conv":
+        return cls(tuple(sorted((k, v) for k, v in params.items() if k != "preferred_element_type")))
+
+    def forward(self, x: Any, w: Any, out_dtype: np.dtype) -> Any:
+        # cuDNN's float8 convolution graph (XLA: F8GraphConv in openxla/xla,
+        # xla/service/gpu/transforms/cudnn_fused_conv_rewriter.cc) takes float8 operands
+        # directly or as convert(f8) [* scalar scale], forward convolutions only.
+        params = dict(self.params)
+        params["preferred_element_type"] = np.dtype(out_dtype)
+        return lax.conv_general_dilated_p.bind(x, w, **params)
+
+    def backward(self, g: Any, x: Any, w: Any, lhs_dtype: np.dtype, rhs_dtype: np.dtype) -> Tuple[Any, Any]:
+        # `lax.conv_general_dilated` wants operands of one dtype, so E5M2 x E4M3 gradients
+        # are computed on float8-rounded values in the wide dtype (exact upcasts: the
+        # products and float32 accumulation are those of a float8 convolution).
+        wide = np.dtype(np.float32)
+        _, vjp = jax.vjp(lambda a, b: self.forward(a, b, wide), x.astype(wide), w.astype(wide))
+        dx, dw = vjp(g.astype(wide))
+        return dx.astype(lhs_dtype), dw.astype(rhs_dtype)
+
+
+_PRODUCTS = {lax.dot_general_p: _Dot.of, lax.conv_general_dilated_p: _Conv.of}
 
 
 def _sharding_of(x: Any) -> Any:
@@ -145,26 +181,16 @@ def _dot_grad(
     return out
 
 
-def _dot_bwd(spec: _DotSpec, res: Tuple[Any, Any], g: Any) -> Tuple[Any, Any]:
-    x8, y8 = res
-    g8 = _cast(g, spec.bwd_dtype, spec.rescale is not None)
-    dims = spec.dimension_numbers
-    dx = _dot_grad(g8, y8, dims, x8.ndim, 0, spec.lhs_dtype, _sharding_of(x8))
-    dy = _dot_grad(g8, x8, dims, y8.ndim, 1, spec.rhs_dtype, _sharding_of(y8))
-    return dx, dy
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_dot(spec: _DotSpec, x: Any, y: Any) -> Any:
-    return _dot_fwd(spec, x, y)[0]
-
-
-_fp8_dot.defvjp(_dot_fwd, _dot_bwd)
+# --------------------------------------------------------------------------------------
+# The one custom VJP: float8 casts around any product.
+# --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class _ConvSpec:
-    params: Tuple[Tuple[str, Any], ...]  # conv_general_dilated params, sorted
+class _Spec:
+    """One targeted matmul, as its custom VJP needs it (hashable: a static argument)."""
+
+    product: Union[_Dot, _Conv]
     lhs_dtype: np.dtype
     rhs_dtype: np.dtype
     out_dtype: np.dtype
@@ -172,37 +198,44 @@ class _ConvSpec:
     bwd_dtype: np.dtype
     rescale: Optional[str]
 
-    def conv(self, x: Any, w: Any, out_dtype: Any) -> Any:
-        params = dict(self.params)
-        params["preferred_element_type"] = np.dtype(out_dtype)
-        return lax.conv_general_dilated_p.bind(x, w, **params)
 
-
-def _conv_fwd(spec: _ConvSpec, x: Any, w: Any) -> Tuple[Any, Tuple[Any, Any]]:
-    # cuDNN's float8 convolution graph (XLA: F8GraphConv in openxla/xla,
-    # xla/service/gpu/transforms/cudnn_fused_conv_rewriter.cc) takes float8 operands
-    # directly or as convert(f8) [* scalar scale], forward convolutions only.
+def _fwd(spec: _Spec, x: Any, y: Any) -> Tuple[Any, Tuple[Any, Any]]:
     x8 = _cast(x, spec.fwd_dtype, spec.rescale == "all")
-    w8 = _cast(w, spec.fwd_dtype, spec.rescale == "all")
-    return spec.conv(x8, w8, spec.out_dtype), (x8, w8)
+    y8 = _cast(y, spec.fwd_dtype, spec.rescale == "all")
+    return spec.product.forward(x8, y8, spec.out_dtype), (x8, y8)
 
 
-def _conv_bwd(spec: _ConvSpec, res: Tuple[Any, Any], g: Any) -> Tuple[Any, Any]:
-    # `lax.conv_general_dilated` wants operands of one dtype, so E5M2 x E4M3 gradients
-    # are computed on float8-rounded values in the wide dtype (exact upcasts: the
-    # products and float32 accumulation are those of a float8 convolution).
-    x8, w8 = res
+def _bwd(spec: _Spec, res: Tuple[Any, Any], g: Any) -> Tuple[Any, Any]:
+    x8, y8 = res
     g8 = _cast(g, spec.bwd_dtype, spec.rescale is not None)
-    wide = np.dtype(np.float32)
-    xw, ww = x8.astype(wide), w8.astype(wide)
-    _, vjp = jax.vjp(lambda a, b: spec.conv(a, b, wide), xw, ww)
-    dx, dw = vjp(g8.astype(wide))
-    return dx.astype(spec.lhs_dtype), dw.astype(spec.rhs_dtype)
+    return spec.product.backward(g8, x8, y8, spec.lhs_dtype, spec.rhs_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_conv(spec: _ConvSpec, x: Any, w: Any) -> Any:
-    return _conv_fwd(spec, x, w)[0]
+def _fp8_product(spec: _Spec, x: Any, y: Any) -> Any:
+    return _fwd(spec, x, y)[0]
 
 
-_fp8_conv.defvjp(_conv_fwd, _conv_bwd)
+_fp8_product.defvjp(_fwd, _bwd)
+
+
+def fp8_matmul(
+    primitive: Any,
+    params: Dict[str, Any],
+    x: Any,
+    y: Any,
+    *,
+    dtypes: Tuple[Any, Any, Any],
+    fwd_dtype: np.dtype,
+    bwd_dtype: np.dtype,
+    rescale: Optional[str],
+) -> Any:
+    """``primitive`` (``dot_general`` or ``conv_general_dilated``) with ``params``, on
+    ``x`` and ``y``, as a float8 product whose operand gradients are float8 products.
+
+    ``dtypes`` are the matmul's lhs, rhs and result dtypes: the result and the operand
+    gradients keep them. ``rescale`` is `autocast`'s: which casts first move the data's
+    RMS into the scale (``"grad"``: the cotangent's; ``"all"``: the operands' too)."""
+    lhs_dtype, rhs_dtype, out_dtype = (np.dtype(d) for d in dtypes)
+    spec = _Spec(_PRODUCTS[primitive](params), lhs_dtype, rhs_dtype, out_dtype, fwd_dtype, bwd_dtype, rescale)
+    return _fp8_product(spec, x, y)

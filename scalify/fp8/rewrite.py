@@ -25,7 +25,7 @@ from scalify import _jax_compat
 from scalify.core import walker
 from scalify.core.datatype import ScaledArray, is_scaled_leaf
 from scalify.core.interpreter import scalify
-from scalify.fp8.kernels import _ConvSpec, _DotSpec, _fp8_conv, _fp8_dot
+from scalify.fp8.kernels import fp8_matmul
 from scalify.fp8.policy import E4M3, E5M2, MatmulInfo, _as_keep
 
 # Dtypes of the matmuls the policy targets: a float64 product is a deliberate request
@@ -188,33 +188,12 @@ def _rewrite_params(eqn: Any, policy: _Policy, name: str) -> Optional[Dict[str, 
 
 
 def _replace(eqn: Any, invals: Sequence[Any], policy: _Policy) -> Any:
-    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-    out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
-    if eqn.primitive is lax.dot_general_p:
-        dims = eqn.params["dimension_numbers"]
-        dims = tuple(tuple(tuple(int(d) for d in ds) for ds in pair) for pair in dims)
-        spec = _DotSpec(
-            dimension_numbers=dims,
-            out_sharding=eqn.params.get("out_sharding"),
-            lhs_dtype=np.dtype(lhs.dtype),
-            rhs_dtype=np.dtype(rhs.dtype),
-            out_dtype=out_dtype,
-            fwd_dtype=policy.fwd_dtype,
-            bwd_dtype=policy.bwd_dtype,
-            rescale=policy.rescale,
-        )
-        return _fp8_dot(spec, *invals)
-    params = {k: v for k, v in eqn.params.items() if k != "preferred_element_type"}
-    spec = _ConvSpec(
-        params=tuple(sorted(params.items())),
-        lhs_dtype=np.dtype(lhs.dtype),
-        rhs_dtype=np.dtype(rhs.dtype),
-        out_dtype=out_dtype,
-        fwd_dtype=policy.fwd_dtype,
-        bwd_dtype=policy.bwd_dtype,
-        rescale=policy.rescale,
+    """The targeted matmul ``eqn`` on ``invals``, as a float8 product."""
+    dtypes = (eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype, eqn.outvars[0].aval.dtype)
+    return fp8_matmul(
+        eqn.primitive, eqn.params, *invals,
+        dtypes=dtypes, fwd_dtype=policy.fwd_dtype, bwd_dtype=policy.bwd_dtype, rescale=policy.rescale,
     )
-    return _fp8_conv(spec, *invals)
 
 
 def _eval(
