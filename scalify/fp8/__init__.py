@@ -34,14 +34,14 @@ type.
 
 One concept per module:
 
-- `scalify.fp8.policy`: the formats and the ``keep`` filters (`MatmulInfo`,
-  `keep_names`);
+- `scalify.fp8.policy`: what to run in float8 and how (`Fp8Policy`, the ``keep``
+  filters: `MatmulInfo`, `keep_names`);
 - `scalify.fp8.kernels`: the float8 custom VJPs that replace the matmuls;
 - `scalify.fp8.rewrite`: `autocast`, the jaxpr rewrite;
 - `scalify.fp8.report`: `matmul_report` and its `MatmulReport`, `MatmulEntry`,
   `Fp8FallbackError`; the text readers it uses are private (`_hlo`).
 """
-from scalify.fp8.policy import E4M3, E5M2, MatmulInfo, keep_names
+from scalify.fp8.policy import E4M3, E5M2, Fp8Policy, MatmulInfo, keep_names
 from scalify.fp8.report import FP8_GEMM_TARGET, Fp8FallbackError, MatmulEntry, MatmulReport, matmul_report
 from scalify.fp8.rewrite import autocast
 
@@ -50,6 +50,7 @@ __all__ = [
     "E5M2",
     "FP8_GEMM_TARGET",
     "Fp8FallbackError",
+    "Fp8Policy",
     "MatmulEntry",
     "MatmulInfo",
     "MatmulReport",

@@ -1,9 +1,9 @@
 """What `autocast` does: the float8 formats, and which matmuls keep their precision.
 
-A ``keep`` filter sees each matrix product of the traced function as a `MatmulInfo` --
-shapes, dtypes, its name stack (Flax module paths, `jax.named_scope` names) and source
-line -- and says whether it stays in its own precision; `keep_names` builds the common
-filter, by name.
+`Fp8Policy` holds every choice in one value. Its ``keep`` filter sees each matrix
+product of the traced function as a `MatmulInfo` -- shapes, dtypes, its name stack
+(Flax module paths, `jax.named_scope` names) and source line -- and says whether it
+stays in its own precision; `keep_names` builds the common filter, by name.
 """
 from __future__ import annotations
 
@@ -106,7 +106,53 @@ def _as_keep(keep: Any) -> Optional[Callable[[MatmulInfo], bool]]:
     if isinstance(keep, (list, tuple)) and all(isinstance(k, str) for k in keep):
         return keep_names(*keep)
     raise TypeError(
-        "autocast: `keep` must be None, a callable MatmulInfo -> bool, a name or a list of "
+        "Fp8Policy: `keep` must be None, a callable MatmulInfo -> bool, a name or a list of "
         f"names, got {keep!r}."
     )
+
+
+def _float_dtype(name: str, dtype: Any) -> np.dtype:
+    d = np.dtype(dtype)
+    if not jnp.issubdtype(d, jnp.floating):
+        raise TypeError(f"Fp8Policy: {name} must be a floating dtype, got {d}.")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Policy:
+    """Which matmuls `autocast` runs in float8, and in which formats.
+
+    A policy is a value: make one for a model, hand it to `autocast`
+    (``autocast(loss, policy)``), derive another with `dataclasses.replace`. Its fields
+    are `autocast`'s keyword arguments, with the same defaults and meanings; they are
+    checked when the policy is made, dtypes become NumPy dtypes and a name or a list of
+    names in ``keep`` becomes a `keep_names` filter.
+
+    Attributes:
+      fwd_dtype: the operands' format on the forward pass (E4M3).
+      bwd_dtype: the output cotangent's format on the backward pass (E5M2).
+      keep: None, or a callable ``MatmulInfo -> bool`` saying which matmuls keep their
+        precision.
+      conv: also run convolutions in float8.
+      rescale: which float8 casts first move the data's RMS into the scale: ``"grad"``
+        (the output cotangents), ``"all"`` (the forward operands too) or None.
+      keep_output: keep the output projection in its own precision.
+    """
+
+    fwd_dtype: Any = E4M3
+    bwd_dtype: Any = E5M2
+    keep: Any = None
+    conv: bool = False
+    rescale: Optional[str] = "grad"
+    keep_output: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rescale not in (None, "grad", "all"):
+            raise ValueError(f"Fp8Policy: rescale must be None, 'grad' or 'all', got {self.rescale!r}.")
+        # A frozen dataclass: the normalised fields are set as __init__ sets them.
+        object.__setattr__(self, "fwd_dtype", _float_dtype("fwd_dtype", self.fwd_dtype))
+        object.__setattr__(self, "bwd_dtype", _float_dtype("bwd_dtype", self.bwd_dtype))
+        object.__setattr__(self, "keep", _as_keep(self.keep))
+        object.__setattr__(self, "conv", bool(self.conv))
+        object.__setattr__(self, "keep_output", bool(self.keep_output))
 

@@ -1,4 +1,7 @@
-"""`scalify.fp8.policy`: which matmuls keep their precision (``keep``, ``keep_output``)."""
+"""`scalify.fp8.policy`: `Fp8Policy`, and which matmuls keep their precision (``keep``,
+``keep_output``)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +93,51 @@ def test_keep_names_matches_path_components():
     assert not keep(info("Model/header"))
     assert not keep(info("Model/out"))
     assert not keep(info(""))
+
+
+# --- Fp8Policy: every option in one value ------------------------------------------------
+
+
+def test_policy_is_a_checked_value():
+    p = fp8.Fp8Policy(fwd_dtype=jnp.float8_e5m2, keep="head")
+    assert p.fwd_dtype == np.dtype(jnp.float8_e5m2) and p.bwd_dtype == fp8.E5M2
+    assert callable(p.keep) and p.keep.__name__ == "keep_names('head',)"
+    assert p.rescale == "grad" and p.keep_output and not p.conv
+    assert fp8.Fp8Policy() == fp8.Fp8Policy() and hash(fp8.Fp8Policy()) == hash(fp8.Fp8Policy())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.conv = True
+    assert dataclasses.replace(p, conv=True).conv
+    with pytest.raises(ValueError, match="rescale"):
+        fp8.Fp8Policy(rescale="l1")
+    with pytest.raises(ValueError, match="rescale"):
+        dataclasses.replace(p, rescale="l1")
+    with pytest.raises(TypeError, match="floating dtype"):
+        fp8.Fp8Policy(bwd_dtype=jnp.int8)
+    with pytest.raises(TypeError, match="keep"):
+        fp8.Fp8Policy(keep=3)
+
+
+def test_autocast_takes_a_policy_or_keyword_options():
+    def f(x, w):
+        with jax.named_scope("head"):
+            y = x @ w
+        return jnp.sum(jnp.tanh(y @ w.T) ** 2)
+
+    x, w = np.ones((8, 16), np.float32), np.ones((16, 16), np.float32)
+
+    def lowered(g):
+        return jax.jit(jax.grad(g, argnums=(0, 1))).lower(x, w).as_text()
+
+    policy = fp8.Fp8Policy(keep="head", rescale=None, keep_output=False)
+    by_keywords = lowered(fp8.autocast(f, keep=policy.keep, rescale=None, keep_output=False))
+    assert lowered(fp8.autocast(f, policy)) == by_keywords
+    assert lowered(fp8.autocast(policy=policy)(f)) == by_keywords  # as a decorator
+    assert lowered(fp8.autocast(f, fp8.Fp8Policy())) == lowered(fp8.autocast(f))
+    report = fp8.matmul_report(jax.jit(jax.grad(fp8.autocast(f, policy))).lower(x, w))
+    # d(x): forward and d(lhs) of each product; the head's two stay float32.
+    assert report.fp8_count == 2 and len(report.entries) == 4, str(report)
+    assert all(e.fp8 == (e.lhs_dtype != "float32") for e in report.entries), str(report)
+    with pytest.raises(TypeError, match="not both"):
+        fp8.autocast(f, policy, conv=True)
+    with pytest.raises(TypeError, match="Fp8Policy"):
+        fp8.autocast(f, "head")
