@@ -231,7 +231,14 @@ def _hlo_type(t: str) -> Tuple[Tuple[int, ...], str]:
     return dims, norm_dtype(m.group(1))
 
 
-def _parse_hlo_instr(line: str) -> Optional[Dict[str, Any]]:
+def split_instruction(line: str) -> Optional[Tuple[str, str, str, str, str, bool]]:
+    """An HLO instruction's line as text parts ``(name, type, opcode, operands,
+    attributes, root)``, or None for another line::
+
+        ROOT %dot.1 = f32[2,2]{1,0} dot(f32[2,3]{1,0} %a, f32[3,2]{1,0} %b), lhs_...
+        -> ("dot.1", "f32[2,2]{1,0}", "dot", "f32[2,3]{1,0} %a, f32[3,2]{1,0} %b",
+            ", lhs_...", True)
+    """
     s = line.strip()
     root = s.startswith("ROOT ")
     if root:
@@ -252,15 +259,22 @@ def _parse_hlo_instr(line: str) -> Optional[Dict[str, Any]]:
     m = re.match(r"([\w\-]+)\(", rest)
     if not m:
         return None
-    opcode = m.group(1)
     end = balanced(rest, m.end() - 1)
-    operand_str = rest[m.end() : end - 1]
-    attrs = rest[end:]
+    return name, type_str, m.group(1), rest[m.end() : end - 1], rest[end:], root
+
+
+def _parse_hlo_instr(line: str) -> Optional[Dict[str, Any]]:
+    """The instruction on ``line`` with its result type and its operands' names and
+    types (where written) read; None for another line."""
+    parts = split_instruction(line)
+    if parts is None:
+        return None
+    name, type_str, opcode, operand_str, attrs, root = parts
     operands = []
     for tok in _split_top(operand_str):
-        parts = tok.rsplit(" ", 1)
-        if len(parts) == 2 and parts[1].startswith("%"):
-            operands.append((parts[1].lstrip("%"), _hlo_type(parts[0])))
+        typed = tok.rsplit(" ", 1)
+        if len(typed) == 2 and typed[1].startswith("%"):
+            operands.append((typed[1].lstrip("%"), _hlo_type(typed[0])))
         else:
             operands.append((tok.lstrip("%"), None))
     return {"name": name, "type": _hlo_type(type_str), "opcode": opcode, "operands": operands,
