@@ -231,7 +231,8 @@ def fp8_matmul(
     rescale: Optional[str],
 ) -> Any:
     """``primitive`` (``dot_general`` or ``conv_general_dilated``) with ``params``, on
-    ``x`` and ``y``, as a float8 product whose operand gradients are float8 products.
+    ``x`` and ``y``, as a product of float8 values whose operand gradients are products
+    of float8 values too.
 
     ``dtypes`` are the matmul's lhs, rhs and result dtypes: the result and the operand
     gradients keep them. ``rescale`` is `autocast`'s: which casts first move the data's
