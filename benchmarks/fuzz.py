@@ -32,9 +32,9 @@ Classes (`CLASSES`), checked in this order:
   else: its type and first line are kept);
 - ``out_of_range_skipped``: a float32 intermediate or result of the reference is not
   finite, or its largest magnitude exceeds ``2**100``, or its RMS is non-zero and below
-  ``2**-100``: outside the scale range the contract speaks of (DESIGN.md section 3.3),
-  where float32 itself is no reference (it over/underflows). Checked after every op of
-  the chain, and, for a case that would fail, after every primitive of the reference
+  ``2**-100``: outside the scale range the contract speaks of (docs/design.md, the
+  numerical contract, item 3), where float32 itself is no reference (it
+  over/underflows). Checked after every op of the chain, and, for a case that would fail, after every primitive of the reference
   (`reference_out_of_range`: ``rsqrt(var)`` is a finite 0 where ``var`` overflowed);
 - ``nonfinite``: scalify returns inf/NaN although the reference is finite and in range
   (and the per-tensor oracle below is finite: else ``ill_conditioned_skipped``);

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -41,7 +42,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scalify as sfy  # noqa: E402
-import scalify.rules.reductions as reductions  # noqa: E402
 import gpt  # noqa: E402
 
 
@@ -117,13 +117,10 @@ def with_static_scales(step: Callable) -> Callable:
 
 @contextlib.contextmanager
 def static_sums():
-    """Every ``reduce_sum`` traced inside takes the static ``pow2(sqrt(N))`` scale rule."""
-    saved = reductions.MEASURED_MIN_REDUCED
-    reductions.MEASURED_MIN_REDUCED = np.iinfo(np.int64).max
-    try:
+    """Every ``reduce_sum`` traced inside takes the static ``pow2(sqrt(N))`` scale rule
+    (`ScalifyConfig.measured_min_reduced` beyond any tensor's size)."""
+    with dataclasses.replace(sfy.core.get_config(), measured_min_reduced=np.iinfo(np.int64).max):
         yield
-    finally:
-        reductions.MEASURED_MIN_REDUCED = saved
 
 
 def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int, rounds: int = 5,
@@ -133,7 +130,9 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
                 # the same without the range guard, to show what the guard costs
                 "unguarded": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(range_guard=False)),
                 # the same with every rule's result rounded (and guarded) at once
-                "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False))}
+                "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False)),
+                # float16 contractions leaving their dot in float16, as on several devices
+                "narrow": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(narrow_contractions=True))}
     if decompose:
         variants["static-scales"] = (with_static_scales(step), plain_args, null)
         variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
@@ -161,7 +160,8 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     ratios = {m: med["scalify"][m] / med["jax"][m] for m in ("trace", "compile", "run")}
     out: Dict[str, Any] = {"median_s": med, "ratio": ratios,
                            "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")},
-                           "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")}}
+                           "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")},
+                           "ratio_narrow": {m: med["narrow"][m] / med["jax"][m] for m in ("compile", "run")}}
     if decompose:
         out["decomposition"] = {
             name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}

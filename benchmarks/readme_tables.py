@@ -146,7 +146,8 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         row = [name, _ratio(r.get("trace")), _ratio(r.get("compile")), _ratio(r.get("run")), run_ms]
         if "ratio_undeferred" in c:  # the same step without deferred rounding, and unguarded
             u, g = c["ratio_undeferred"], c.get("ratio_unguarded", {})
-            row += [_ratio(u.get("trace")), _ratio(u.get("compile")), _ratio(u.get("run")), _ratio(g.get("run"))]
+            row += [_ratio(u.get("trace")), _ratio(u.get("compile")), _ratio(u.get("run")), _ratio(g.get("run")),
+                    _ratio(c.get("ratio_narrow", {}).get("run"))]
         rows.append(row)
         dec = c.get("decomposition")
         if dec:
@@ -160,7 +161,8 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         "repeated runs differ by up to about 0.3.",
         "",
         _table(["case", "trace", "compile", "run", "run ms (jax / scalify)"]
-               + (["trace, no deferral", "compile, no deferral", "run, no deferral", "run, no guard"]
+               + (["trace, no deferral", "compile, no deferral", "run, no deferral", "run, no guard",
+                   "run, narrow contractions"]
                   if all(len(r) > 5 for r in rows) else []),
                [r if all(len(r) > 5 for r in rows) else r[:5] for r in rows]),
         "",

@@ -15,7 +15,7 @@ import sys
 import jax.extend.core.primitives as P
 
 import scalify  # noqa: F401  (registers the rules)
-from scalify.core.operands import Wide
+from scalify.core.wide import Wide
 from scalify.core.registry import deferred_kinds, registered_primitives
 
 # Primitives that never receive float data, so scale propagation does not apply.
@@ -70,7 +70,7 @@ def _remark(rule) -> str:
 
 def _range(rule) -> str:
     """The rule's range guarantee, from its docstring: *guarded* rules measure their
-    result's max-abs for float16/float8 data (`scalify.core.operands.fit_to_format`)."""
+    result's max-abs for float16/float8 data (`scalify.core.range_guard.fit_to_format`)."""
     return "guarded" if "range-guarded" in (rule.__doc__ or "").lower() else "static"
 
 

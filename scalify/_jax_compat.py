@@ -50,6 +50,8 @@ def is_unspecified(sharding: Any) -> bool:
 
 
 def is_tracer(x: Any) -> bool:
+    """True for a value being traced (by `jit`, `grad`, `vmap`...): its value is not known
+    here. The one place scalify names `jax.core.Tracer`."""
     return isinstance(x, jax.core.Tracer)
 
 

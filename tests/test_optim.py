@@ -273,7 +273,8 @@ def test_zero_state_and_saturating_float8():
     opt = optim.scaled_state(optax.adam(1.0), mu_dtype=jnp.float8_e4m3fn)
     state = opt.init(params)
     mu = state[0].mu["w"]
-    assert mu.dtype == F8 and float(mu.scale) == 1.0 and not np.any(np.asarray(mu.data, np.float32))
+    # All-zero state is the zero tensor: scale 0.
+    assert mu.dtype == F8 and float(mu.scale) == 0.0 and not np.any(np.asarray(mu.data, np.float32))
     # Huge gradients: the storage scale carries them, nothing overflows float8 or float16.
     grads = {"w": jnp.full((4, 4), 1e30).at[0, 0].set(-3e33)}
     _, state = opt.update(grads, state, params)
@@ -596,3 +597,28 @@ def test_apply_updates_scaled_params():
     got, want = sfy.asarray(out2["w"], jnp.float32), sfy.asarray(out["w"], jnp.float32)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
     assert_pow2_scales(out)
+
+
+def test_update_inside_scalify_is_one_float32_island():
+    """Inside `scalify` the inner update's arithmetic is one float32 call evaluated as
+    plain JAX (no scale arithmetic per elementwise operation): the traced update stays
+    within a small multiple of the plain update's equations (the repacking of each
+    state leaf and update), where running it through the scaled rules took about 25x."""
+    params = {f"w{i}": jnp.full((8, 4), 0.1 * (i + 1)) for i in range(10)}
+    grads = jax.tree.map(lambda p: p * 1e-3, params)
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt = optim.scaled_state(inner)
+    sp = sfy.as_scaled_array(params, dtype=jnp.float16)
+    sg = sfy.as_scaled_array(grads, dtype=jnp.float16)
+    state = opt.init(sp)
+    plain = jax.make_jaxpr(lambda g, s, p: inner.update(g, s, p))(grads, inner.init(params), params)
+    scaled = jax.make_jaxpr(sfy.scalify(lambda g, s, p: opt.update(g, s, p)))(sg, state, sp)
+    calls = [e for e in scaled.eqns if e.primitive is optim.float32_call_p]
+    assert calls == [] and len(scaled.eqns) <= 6 * len(plain.eqns), (len(scaled.eqns), len(plain.eqns))
+    # The island is evaluated inline: its equations are the plain update's.
+    assert sum(e.primitive.name == "sqrt" for e in scaled.eqns) == sum(e.primitive.name == "sqrt" for e in plain.eqns)
+    # Same values as the update outside scalify.
+    want = opt.update(sg, state, sp)
+    got = sfy.scalify(lambda g, s, p: opt.update(g, s, p))(sg, state, sp)
+    for a, b in zip(jax.tree.leaves(got, is_leaf=sfy.core.is_scaled_leaf), jax.tree.leaves(want, is_leaf=sfy.core.is_scaled_leaf)):
+        np.testing.assert_array_equal(np.asarray(sfy.asarray(a, jnp.float32)), np.asarray(sfy.asarray(b, jnp.float32)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import scalify as sfy
-import scalify.rules.reductions as reductions
+from scalify.core.config import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -31,14 +31,14 @@ def test_static_scale_programs_compute_the_step():
     def n_sums(jaxpr):
         return [e.primitive.name for e in jaxpr.jaxpr.eqns].count("reduce_sum")
 
-    saved = reductions.MEASURED_MIN_REDUCED
+    saved = get_config()
     measured = n_sums(jax.make_jaxpr(overhead.with_static_scales(step))(*plain))
     with overhead.static_sums():
-        assert reductions.MEASURED_MIN_REDUCED > 2**40
+        assert get_config().measured_min_reduced > 2**40
         fn = overhead.with_static_scales(step)
         assert n_sums(jax.make_jaxpr(fn)(*plain)) < measured  # no sums of squares
         got = sfy.asarray(jax.jit(fn)(*plain))
-    assert reductions.MEASURED_MIN_REDUCED == saved
+    assert get_config() is saved
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
 
 
@@ -48,7 +48,8 @@ def test_measure_reports_the_decomposition():
     assert set(r["decomposition"]) == {"static-scales", "static-sums"}
     for part in r["decomposition"].values():
         assert all(math.isfinite(v) and v > 0 for v in part.values())
-    assert set(r["median_s"]) == {"jax", "scalify", "unguarded", "undeferred", "static-scales", "static-sums"}
+    assert set(r["median_s"]) == {"jax", "scalify", "unguarded", "undeferred", "narrow", "static-scales", "static-sums"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratio_unguarded"].values())
     assert set(r["ratio_undeferred"]) == {"trace", "compile", "run"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratio_undeferred"].values())
+    assert set(r["ratio_narrow"]) == {"compile", "run"}

@@ -66,16 +66,6 @@ def both(f: Any) -> list:
     return [sfy.scalify(f), jax.jit(sfy.scalify(f))]
 
 
-def requires(*prims: Any) -> Any:
-    """Skip a test whose function also needs rules of other families not registered."""
-    import pytest
-
-    from scalify.core.registry import get_scaled_rule
-
-    missing = [p.name for p in prims if get_scaled_rule(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
-
-
 def primitive_names(fn: Any, *args: Any) -> set:
     """Names of the primitives in ``fn``'s jaxpr, nested jaxprs included (scalify binds
     its scalar scale helpers as `jit` equations)."""

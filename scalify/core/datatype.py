@@ -12,7 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scalify import _jax_compat
+from scalify.core.config import Pow2RoundMode
 from scalify.core.pow2 import is_static
+from scalify.core.rms import pow2_rms
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -144,7 +147,7 @@ def is_scaled_leaf(x: Any) -> bool:
 
 
 def _check_concrete_scale(scale: Any) -> None:
-    if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
+    if isinstance(scale, jax.Array) and not _jax_compat.is_tracer(scale):
         s = np.asarray(scale)
         if not (np.isfinite(s) and s >= 0):
             raise ValueError(f"ScaledArray scale must be finite and >= 0, got {s}.")
@@ -177,25 +180,18 @@ def scaled_array(data: Any, scale: Any, dtype: Any = None, npapi: Any = None) ->
 
 def unit_scale(x: Any) -> jax.Array:
     """The power of two nearest below the root-mean-square of ``x``: the scale that
-    leaves ``x / scale`` near unit variance. 0 when ``x`` is all zeros (the zero tensor
+    leaves ``x / scale`` near unit variance (`scalify.core.rms.pow2_rms`, rounded down
+    whatever the `ScalifyConfig` mode). 0 when ``x`` is all zeros (the zero tensor
     carries no magnitude), 1 when it is empty, not finite, or its RMS is below the
-    smallest normal float32 number."""
-    from scalify.core.pow2 import pow2_round_down
-
-    x32 = jnp.asarray(x).astype(compute_dtype(jnp.asarray(x).dtype))
-    if x32.size:
-        # Normalise by the power of two below the largest magnitude first (exact), so
-        # that squares of values near 1e-24 or 1e24 neither underflow nor overflow.
-        amax = jnp.max(jnp.abs(x32))
-        norm = jnp.where((amax > 0) & jnp.isfinite(amax), pow2_round_down(amax), 1).astype(x32.dtype)
-        rms = norm * jnp.sqrt(jnp.mean(jnp.square(x32 / norm)))
-    else:
-        rms = jnp.float32(0)
-    rms = rms.astype(np.float32)
-    ok = (rms > np.finfo(np.float32).tiny) & jnp.isfinite(rms)
-    zero = jnp.all(x32 == 0) if x32.size else False
-    out = jnp.where(ok, pow2_round_down(jnp.where(ok, rms, 1.0)), jnp.where(zero, 0.0, 1.0))
-    return jax.lax.stop_gradient(out.astype(np.float32))
+    smallest normal float32 number. A float32 scalar, no gradient."""
+    x = jnp.asarray(x)
+    if x.size == 0:
+        return jnp.float32(1)
+    m, _ = pow2_rms(x.astype(compute_dtype(x.dtype)), normalise=True, mode=Pow2RoundMode.DOWN)
+    m = m.astype(np.float32)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    zero = np.float32(0)
+    return jnp.where(m >= tiny, m, jnp.where(m == zero, zero, np.float32(1)))
 
 
 def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
@@ -215,7 +211,7 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
         if np.shape(scale) != ():
             raise TypeError(f"as_scaled_array: scale must be a scalar, got shape {np.shape(scale)}.")
         _check_concrete_scale(scale)
-        if not isinstance(scale, jax.core.Tracer) and float(scale) == 0:
+        if not _jax_compat.is_tracer(scale) and float(scale) == 0:
             raise ValueError("as_scaled_array: scale=0 would drop the values (data = x / 0); "
                              "leave scale=None: all-zero leaves get scale 0 by themselves.")
     if dtype is not None and not is_float_dtype(dtype):

@@ -94,14 +94,14 @@ class Deferred:
     `ScaledArray`: `materialise` gives the ScaledArray (computed once, then reused).
 
     Three kinds exist. A scan's stacked output whose scale varies per step
-    (`scalify.rules.control_flow.PerStepScaled`): as a ScaledArray its steps must be
+    (`scalify.rules.control_flow.loops.PerStepScaled`): as a ScaledArray its steps must be
     aligned to one scale, a pass over the whole stack, while a later scan reading it step
     by step can take each step at its own scale. A float32 contraction's result whose
     division by ``pow2(sqrt(K))`` is still to do (`scalify.rules.linalg.Rescaled`): a
     transpose moves the accumulator and keeps the division pending, so that XLA still
     sees (and folds) ``transpose(dot_general)``. And an elementwise rule's float16/float8
     result still in float32, not yet rounded nor range-guarded
-    (`scalify.core.operands.Wide`): the next elementwise rule computes on from it, so
+    (`scalify.core.wide.Wide`): the next elementwise rule computes on from it, so
     that a chain of them rounds and guards once. The interpreter materialises a Deferred
     operand for every rule not registered ``takes_deferred`` for its kind and at the end
     of every jaxpr."""

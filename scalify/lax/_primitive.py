@@ -27,6 +27,7 @@ def define_primitive(
     *,
     multiple_results: bool = False,
     batching_rule: Optional[Callable[..., Any]] = None,
+    elementwise: bool = False,
 ) -> Primitive:
     """A primitive named ``name`` whose eager evaluation and lowering are ``impl``.
 
@@ -36,12 +37,21 @@ def define_primitive(
       abstract_eval: ``abstract_eval(*avals, **params)`` returning the output aval(s).
       multiple_results: whether ``impl`` returns a sequence of arrays.
       batching_rule: a `jax.vmap` rule ``(args, dims, **params) -> (out, out_dims)``.
+      elementwise: the primitive acts elementwise on its first operand: its `jax.vmap`
+        rule is `elementwise_batching` (instead of ``batching_rule``).
+
+    Differentiation rules (a JVP, a transpose) are the caller's to add: they depend on
+    what the primitive means.
     """
+    if elementwise and batching_rule is not None:
+        raise ValueError(f"define_primitive({name!r}): elementwise=True gives the batching rule.")
     prim = Primitive(name)
     prim.multiple_results = multiple_results
     prim.def_impl(impl)
     prim.def_abstract_eval(abstract_eval)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=multiple_results))
+    if elementwise:
+        batching_rule = elementwise_batching(prim)
     if batching_rule is not None:
         batching.primitive_batchers[prim] = batching_rule
     return prim

@@ -21,14 +21,16 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
+from scalify import _jax_compat
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, in_scale, promote
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down
 from scalify.core.registry import register_scaled_op
-from scalify.lax._primitive import NOT_MAPPED, define_primitive, elementwise_batching
+from scalify.core.rms import pow2_rms
+from scalify.lax._primitive import NOT_MAPPED, define_primitive
 
 __all__ = [
     "get_data_scale",
@@ -88,7 +90,7 @@ def _check_scale(scale: Any, fname: str) -> Any:
         if not jnp.issubdtype(scale.dtype, jnp.integer):
             raise TypeError(f"{fname}: scale must be a positive float scalar, got dtype {scale.dtype}.")
         scale = jnp.asarray(scale).astype(get_config().scale_dtype)
-    if isinstance(scale, jax.Array) and not isinstance(scale, jax.core.Tracer):
+    if isinstance(scale, jax.Array) and not _jax_compat.is_tracer(scale):
         v = np.asarray(scale)
         if not (np.isfinite(v) and v > 0):
             raise ValueError(f"{fname}: scale must be positive and finite, got {v}.")
@@ -103,6 +105,19 @@ def _scale_value(scale: Any) -> Any:
     if is_static(scale):
         return np.asarray(scale, dtype=sdtype)
     return jnp.asarray(scale).astype(sdtype)
+
+
+def _with_scale_operand(prim: Any, on_scaled: Any, x: Any, scale: Any, fname: str) -> Any:
+    """The public ``set_scaling``/``rebalance``: ``scale`` checked; a ScaledArray ``x``
+    handled directly (``on_scaled(x, scale)``: an eager ``bind`` would reject it); any
+    other ``x`` binds ``prim``, whose scaled rule acts inside `scalify` (a ScaledArray
+    ``scale`` is passed as its value)."""
+    scale = _check_scale(scale, fname)
+    if isinstance(x, ScaledArray):
+        return on_scaled(x, scale)
+    if isinstance(scale, ScaledArray):
+        scale = scale.to_array(np.float32)
+    return prim.bind(_as_operand(x), scale)
 
 
 def _unbatch_scale(scale: Any, dim: Any) -> Any:
@@ -121,9 +136,9 @@ def rescale_by_norm(data: Any, scale: Any, norm: str) -> Tuple[Any, Any]:
     """Move the norm of ``data`` into the scale: ``(data / f, scale * f)``, ``f = pow2(norm)``.
 
     ``norm`` is ``"max"`` (largest magnitude), ``"l1"`` (mean magnitude) or ``"l2"``
-    (root mean square), computed in float32 on the data (the L1/L2 norms are computed on
-    data divided by its max, so they never overflow). The value ``data * scale`` is
-    unchanged (exactly, with power-of-two scales). Guards:
+    (root mean square, `scalify.core.rms.pow2_rms`), computed in float32 on the data
+    (the L1/L2 norms are computed on data divided by its max, so they never overflow).
+    The value ``data * scale`` is unchanged (exactly, with power-of-two scales). Guards:
 
     - a zero, subnormal or non-finite norm (all-zero data, NaN/inf data) leaves the
       tensor unchanged: the scale never becomes zero or infinite;
@@ -136,21 +151,20 @@ def rescale_by_norm(data: Any, scale: Any, norm: str) -> Tuple[Any, Any]:
     cd = compute_dtype(data.dtype)
     sdtype = np.dtype(_dtype_of(scale))
     scd = compute_dtype(sdtype)
-    a = jnp.abs(data.astype(cd))
-    m = jnp.max(a)
-    if norm == "max":
-        n = m
+    if norm == "l2":  # the power of two of the RMS, as every measured scale
+        factor = pow2_rms(data.astype(cd), normalise=True)[0].astype(scd)
     else:
-        ok = (m > 0) & jnp.isfinite(m)
-        safe_m = jnp.where(ok, m, jnp.ones((), cd))
-        r = a / safe_m
-        if norm == "l1":
-            n = jnp.mean(r) * safe_m
-        elif norm == "l2":
-            n = jnp.sqrt(jnp.mean(r * r)) * safe_m
+        a = jnp.abs(data.astype(cd))
+        m = jnp.max(a)
+        if norm == "max":
+            n = m
+        elif norm == "l1":
+            ok = (m > 0) & jnp.isfinite(m)
+            safe_m = jnp.where(ok, m, jnp.ones((), cd))
+            n = jnp.mean(a / safe_m) * safe_m
         else:
             raise ValueError(f"rescale_by_norm: unknown norm {norm!r} (expected 'max', 'l1' or 'l2').")
-    factor = pow2_round(n.astype(scd))
+        factor = pow2_round(n.astype(scd))
     fi = jnp.finfo(scd)
     valid = jnp.isfinite(factor) & (factor >= fi.tiny)
     factor = jnp.where(valid, factor, jnp.ones((), scd))
@@ -284,12 +298,7 @@ def set_scaling(x: Any, scale: Any) -> Any:
     rescaling (it is used as given). Under `jax.grad` the gradient passes through
     unchanged (``set_scaling`` does not change the value).
     """
-    scale = _check_scale(scale, "set_scaling")
-    if isinstance(x, ScaledArray):
-        return _set_scaling(x, scale)
-    if isinstance(scale, ScaledArray):
-        scale = scale.to_array(np.float32)
-    return set_scaling_p.bind(_as_operand(x), scale)
+    return _with_scale_operand(set_scaling_p, _set_scaling, x, scale, "set_scaling")
 
 
 # --- rebalance -----------------------------------------------------------------------------
@@ -334,12 +343,7 @@ def rebalance(x: Any, scale: Any) -> Any:
     plain array (outside or inside `scalify`) is returned unchanged. Under `jax.grad` the
     gradient passes through unchanged.
     """
-    scale = _check_scale(scale, "rebalance")
-    if isinstance(x, ScaledArray):
-        return _rebalance(x, scale)
-    if isinstance(scale, ScaledArray):
-        scale = scale.to_array(np.float32)
-    return rebalance_p.bind(_as_operand(x), scale)
+    return _with_scale_operand(rebalance_p, _rebalance, x, scale, "rebalance")
 
 
 # --- stop_scaling ----------------------------------------------------------------------------
@@ -353,8 +357,7 @@ def _sts_abstract(x: Any, *, dtype: Any) -> Any:
     return x if dtype is None else x.update(dtype=dtype, weak_type=False)
 
 
-stop_scaling_p = define_primitive("scalify_stop_scaling", _sts_impl, _sts_abstract)
-batching.primitive_batchers[stop_scaling_p] = elementwise_batching(stop_scaling_p)
+stop_scaling_p = define_primitive("scalify_stop_scaling", _sts_impl, _sts_abstract, elementwise=True)
 
 
 @register_scaled_op(stop_scaling_p)
@@ -394,8 +397,7 @@ def _tsc_abstract(ct: Any, *, dtype: Any) -> Any:
     return ct.update(dtype=dtype, weak_type=False)
 
 
-to_scaled_cast_p = define_primitive("scalify_to_scaled_cast", _tsc_impl, _tsc_abstract)
-batching.primitive_batchers[to_scaled_cast_p] = elementwise_batching(to_scaled_cast_p)
+to_scaled_cast_p = define_primitive("scalify_to_scaled_cast", _tsc_impl, _tsc_abstract, elementwise=True)
 
 
 @register_scaled_op(to_scaled_cast_p, always_scaled=True)

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
+from scalify.core import formats
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.operands import as_jax, compute_dtype, fit_to_format, is_narrow
 from scalify.core.registry import register_scaled_op
-from scalify.lax._primitive import define_primitive, elementwise_batching
+from scalify.lax._primitive import define_primitive
 from scalify.ops._backward import bound, map_on_backward_data
 
 __all__ = [
@@ -92,23 +93,14 @@ def _check_castable(dtype: np.dtype, fname: str) -> None:
         )
 
 
-def _clip_bound(dtype: np.dtype, cd: np.dtype) -> np.ndarray:
-    fmax = min(_format(dtype)[0], float(jnp.finfo(cd).max))
-    return np.asarray(fmax, cd)
-
-
 # --- plain implementations --------------------------------------------------------------
 
 
 def saturating_cast(x: Any, dtype: Any) -> jax.Array:
-    """``x.astype(dtype)`` after clipping to the format's finite range (NaN kept)."""
-    x = as_jax(x)
-    dtype = np.dtype(dtype)
-    cd = compute_dtype(x.dtype)
-    if dtype.itemsize > cd.itemsize:  # a wider target (float64): compute in it
-        cd = dtype
-    m = _clip_bound(dtype, cd)
-    return jnp.clip(x.astype(cd), -m, m).astype(dtype)
+    """``x.astype(dtype)`` after clipping to the format's finite range, infinities
+    included (NaN kept): `scalify.core.formats.saturating_cast` with
+    ``overflow="saturate", infinities="saturate"``."""
+    return formats.saturating_cast(as_jax(x), dtype, overflow="saturate", infinities="saturate")
 
 
 def _mul_pow2(x: Any, e: int) -> Any:
@@ -124,11 +116,10 @@ def simulated_cast(x: Any, dtype: Any) -> jax.Array:
     """The values of ``saturating_cast(x, dtype)``, held in ``x``'s dtype."""
     x = as_jax(x)
     dtype = np.dtype(dtype)
-    fmax, nmant, emin, negzero = _format(dtype)
+    _, nmant, emin, negzero = _format(dtype)
     cd = compute_dtype(x.dtype)
     cfi = jnp.finfo(cd)
-    m = _clip_bound(dtype, cd)
-    y = jnp.clip(x.astype(cd), -m, m)
+    y = formats.clip_to_format(x.astype(cd), dtype, infinities="saturate")
     if nmant < cfi.nmant:
         # Normal range: round the mantissa (ties to even); the exponent range of the
         # compute dtype is kept so that nothing is flushed or overflows here.
@@ -150,9 +141,8 @@ def _cast_abstract(x: Any, *, dtype: Any) -> Any:
 
 
 cast_p = define_primitive(
-    "scalify_saturating_cast", lambda x, *, dtype: saturating_cast(x, dtype), _cast_abstract
+    "scalify_saturating_cast", lambda x, *, dtype: saturating_cast(x, dtype), _cast_abstract, elementwise=True
 )
-batching.primitive_batchers[cast_p] = elementwise_batching(cast_p)
 
 
 def _cast_transpose(ct: Any, x: Any, *, dtype: Any) -> Any:
@@ -190,9 +180,8 @@ def _rp_abstract(x: Any, *, dtype: Any) -> Any:
 
 
 reduce_precision_p = define_primitive(
-    "scalify_simulated_cast", lambda x, *, dtype: simulated_cast(x, dtype), _rp_abstract
+    "scalify_simulated_cast", lambda x, *, dtype: simulated_cast(x, dtype), _rp_abstract, elementwise=True
 )
-batching.primitive_batchers[reduce_precision_p] = elementwise_batching(reduce_precision_p)
 
 
 def _rp_jvp(primals: Any, tangents: Any, *, dtype: Any) -> Any:

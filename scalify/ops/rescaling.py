@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
 from scalify.core.datatype import ScaledArray
 from scalify.core.registry import register_scaled_op
-from scalify.lax._primitive import define_primitive, elementwise_batching
+from scalify.lax._primitive import define_primitive
 from scalify.lax.scaling import rescale_by_norm
 from scalify.ops._backward import bound, map_on_backward_data
 
@@ -37,13 +37,10 @@ __all__ = [
     "dynamic_rescale_max_grad",
 ]
 
-_NORMS = ("l1", "l2", "max")
-
-dynamic_rescale_p = define_primitive(
-    "scalify_dynamic_rescale", lambda x, *, norm: x, lambda x, *, norm: x
-)
 # Under vmap the batch shares one ScaledArray, hence one norm over the whole batch.
-batching.primitive_batchers[dynamic_rescale_p] = elementwise_batching(dynamic_rescale_p)
+dynamic_rescale_p = define_primitive(
+    "scalify_dynamic_rescale", lambda x, *, norm: x, lambda x, *, norm: x, elementwise=True
+)
 
 
 def _jvp(primals: Any, tangents: Any, *, norm: str) -> Any:

@@ -1,4 +1,7 @@
-"""Scaled rules, one module per primitive family. Importing this package registers them."""
+"""Scaled rules, one module per primitive family. Importing this package registers them.
+
+`same_scale` holds the body of every rule that keeps its operand's scale.
+"""
 from scalify.rules import (  # noqa: F401
     collectives,
     control_flow,

@@ -59,10 +59,6 @@ _pvary_p = _jax_compat.internal_primitive("core", "pvary_p")
 _shard_map_p = _jax_compat.internal_primitive("shard_map", "shard_map_p")
 
 
-def _present(*prims: Any) -> Tuple[Any, ...]:
-    return tuple(p for p in prims if p is not None)
-
-
 # --- helpers ---------------------------------------------------------------------------
 
 

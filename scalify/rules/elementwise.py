@@ -24,10 +24,10 @@ output dtype. Scales are chosen per family:
 - **Range guard.** Where the static scale can be off by more than a narrow data format's
   range (a product of two tensors, ``x**3``, a quotient, ``exp`` and other unbounded
   functions), the result is range-guarded for float16 and float8 data
-  (`scalify.core.operands.fit_to_format`): its max-abs is measured and, outside a safe
+  (`scalify.core.range_guard.fit_to_format`): its max-abs is measured and, outside a safe
   band, moved into the scale, so the data is finite wherever the float32 value is.
 - **Deferred rounding** (`ScalifyConfig(defer_rounding=True)`, the default). A float16 or
-  float8 result is handed on in float32 at its static scale (`scalify.core.operands.Wide`)
+  float8 result is handed on in float32 at its static scale (`scalify.core.wide.Wide`)
   to the next elementwise rule, which computes on from it; the value is rounded, and
   range-guarded if any rule of the chain needed the guard, once, where a rule that is not
   elementwise (a contraction, a gather, control flow) or the function's output reads it.
@@ -56,6 +56,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
+from scalify.core.formats import clip_to_format
 from scalify.core.operands import (
     Wide,
     as_jax,
@@ -92,6 +93,7 @@ from scalify.core.pow2 import (
     exp2_int, exponent, is_static, mantissa, pow2_round, pow2_rsqrt_down, pow2_sqrt_down, xnp,
 )
 from scalify.core.registry import register_scaled_op
+from scalify.rules.same_scale import keep_scale
 
 # --------------------------------------------------------------------------------------
 # Scale helpers local to this family.
@@ -296,18 +298,14 @@ def div(x: Any, y: Any, **params: Any) -> Any:
 @register_scaled_op(lax.neg_p, takes_deferred=(Wide,))
 def neg(x: Any, **params: Any) -> Any:
     """``-x``: same scale, data negated (exact; a `Wide` operand stays Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.neg_p.bind(x.data, **params))
-    return ScaledArray(lax.neg_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.neg_p, x, **params)
 
 
 @register_scaled_op(lax.abs_p, takes_deferred=(Wide,))
 def abs_(x: Any, **params: Any) -> Any:
     """``|x|``: same scale, absolute value of the data (exact; a `Wide` operand stays
     Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.abs_p.bind(x.data, **params))
-    return ScaledArray(lax.abs_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.abs_p, x, **params)
 
 
 @register_scaled_op(lax.sign_p, takes_deferred=(Wide,))
@@ -477,20 +475,26 @@ def _nonzero_or(s: Any, big: float) -> Any:
     return lax.select(lax.eq(s, np.zeros((), s.dtype)), np.asarray(big, s.dtype), s)
 
 
+def _registered(prim: Primitive, rule: Callable[..., Any], doc: str, **options: Any) -> Callable[..., Any]:
+    """``rule``, built by a factory for ``prim``, registered under the primitive's name
+    with the docstring ``doc`` (the one docs/operators.md shows)."""
+    rule.__name__ = prim.name
+    rule.__doc__ = doc
+    return register_scaled_op(prim, **options)(rule)
+
+
 def _comparison(prim: Primitive) -> Callable[..., Any]:
     def rule(x: Any, y: Any, **params: Any) -> Any:
         a, b = _aligned_low(x, y)
         return prim.bind(a, b, **params)
 
-    rule.__name__ = prim.name
-    rule.__doc__ = (
+    return _registered(prim, rule, (
         f"``{prim.name}(x, y)`` as a plain boolean array. Both operands are aligned in "
         "float32 to the *smaller* of their scales: exact for power-of-two scales, no "
         "underflow of the small operand (1e-30 still compares greater than 0 held at "
         "scale 1e30), and an overflow of the large one gives +-inf, which orders "
         "correctly. Unscaled values are never formed."
-    )
-    return register_scaled_op(prim)(rule)
+    ))
 
 
 eq = _comparison(lax.eq_p)
@@ -761,7 +765,6 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
             return ScaledArray(y.astype(x.dtype), t)
         return fit_to_format(y, t, x.dtype)
 
-    rule.__name__ = prim.name
     guard = (
         "Its output is bounded at that scale: no range guard."
         if bounded else
@@ -778,11 +781,11 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
         "Deferred rounding: reads a `Wide` operand's float32 value; its own result is "
         + ("rounded at once." if bounded else "guarded and rounded at once.")
     )
-    rule.__doc__ = (
+    doc = (
         f"``{prim.name}(x)`` computed in float32 on the unscaled value ``d * s`` and "
         f"{_SCALE_DOCS[scale_fn]}. {guard} {deferral}"
     )
-    return register_scaled_op(prim, takes_deferred=(Wide,))(rule)
+    return _registered(prim, rule, doc, takes_deferred=(Wide,))
 
 
 exp = _nonlinear(lax.exp_p, _unit_scale)
@@ -836,13 +839,11 @@ def _special_function(prim: Primitive) -> Callable[..., Any]:
         y = prim.bind(*values, **params)
         return ScaledArray(y.astype(out_dtype(*operands)), one())
 
-    rule.__name__ = prim.name
-    rule.__doc__ = (
+    return _registered(prim, rule, (
         f"``{prim.name}`` of several operands, computed in float32 on their unscaled "
         "values and returned at scale 1 (a special function whose magnitude no single "
         "input scale predicts; incomplete gamma and beta functions lie in [0, 1])."
-    )
-    return register_scaled_op(prim)(rule)
+    ))
 
 
 igamma = _special_function(lax.igamma_p)
@@ -901,8 +902,9 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     ScaledArray moves between float32, float16 and float8 without changing its
     magnitude); narrowing into float16 or a float8 format is range-guarded
     (`fit_to_format`: data beyond the format moves its excess into the scale); other
-    finite data beyond a format without infinities saturates instead of becoming NaN. To an integer dtype: the value is
-    unscaled in float32 and cast (plain output). To bool: ``data != 0`` (plain).
+    finite data beyond a format without infinities saturates instead of becoming NaN
+    (`scalify.core.formats.clip_to_format`). To an integer dtype: the value is unscaled
+    in float32 and cast (plain output). To bool: ``data != 0`` (plain).
 
     Deferred rounding: a narrowing cast into float16/float8 is handed on in float32
     (`Wide`, guarded where the next rule that is not elementwise reads it). A `Wide`
@@ -930,10 +932,9 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     if is_float_dtype(new):
         d = x.data
         if not _has_inf(new) and _has_inf(x.dtype):
-            m = np.asarray(jnp.finfo(new).max, np.float64)
-            if m < float(jnp.finfo(x.dtype).max):
-                m = jnp.asarray(m, d.dtype)
-                d = jnp.where(jnp.isinf(d), d, jnp.clip(d, -m, m))
+            # An overflowing cast into a format without infinity gives NaN: finite data
+            # beyond it saturate (infinities stay visible, as NaN).
+            d = clip_to_format(d, new)
         data = lax.convert_element_type_p.bind(d, new_dtype=new_dtype, **params)
         return ScaledArray(data, x.scale)
     if new == np.dtype(bool):
@@ -946,7 +947,7 @@ def reduce_precision(x: ScaledArray, **params: Any) -> ScaledArray:
     """Simulated cast applied to the data, scale kept: the mantissa is rounded as for
     the value (the scale is a power of two) and the exponent range is that of the
     *data*, which is what a real cast of a ScaledArray would see."""
-    return ScaledArray(lax.reduce_precision_p.bind(x.data, **params), x.scale)
+    return keep_scale(lax.reduce_precision_p, x, **params)
 
 
 @register_scaled_op(lax.stop_gradient_p, takes_deferred=(Wide,))

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from scalify.core.datatype import ScaledArray
-from scalify.core.config import get_config
+from scalify.core.config import get_config, narrow_contractions
 from scalify.core.datatype import is_float_dtype
 from scalify.core.operands import as_jax, cast, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
 from scalify.core.pow2 import exp2_int, exponent, pow2_round
@@ -77,8 +77,8 @@ class Rescaled(Deferred):
     kernel. Exact: the factor is a power of two.
 
     Only for float32 data: a narrower result is rounded to its dtype at once (the
-    division rides along with that rounding), and deferring it measured slower: the
-    float16 GPT step of `benchmarks/overhead.py` ran 17% longer on CPU."""
+    division rides along with that rounding); deferring that rounding measured slower
+    on the float16 GPT step of `benchmarks/overhead.py`."""
 
     def __init__(self, acc: Any, factor: Any, dtype: Any, scale: Any):
         self.acc, self.factor, self.dtype, self.scale = acc, factor, dtype, scale
@@ -159,7 +159,8 @@ def _reduction_dtype(a: Any, b: Any, out: Any) -> Optional[np.dtype]:
     contracted with float32 accumulation *inside* the dot but a narrow output:
 
     - float16 output with a float16/bfloat16 operand: float16, the operand prescaled so
-      that no partial sum overflows (`_narrow_contraction`);
+      that no partial sum overflows (`_narrow_contraction`), where several devices may
+      share the contraction (`scalify.core.config.narrow_contractions`); else None;
     - otherwise (bfloat16 output; float8 x float8 operands; float8 output): bfloat16,
       which has float32's exponent range, so nothing overflows where float32 does not;
       its 8 bits of precision are below the error of float8 operands.
@@ -168,7 +169,10 @@ def _reduction_dtype(a: Any, b: Any, out: Any) -> Optional[np.dtype]:
     if not all(is_float_dtype(d) and d.itemsize <= 2 for d in dts):
         return None
     if dts[2] == _F16 and any(d.itemsize == 2 for d in dts[:2]):
-        return _F16
+        # On one device nothing is summed across devices, and the wide path is cheaper:
+        # the float32 accumulator is rounded once by the output's guard, with no operand
+        # measurement or prescale (`benchmarks/overhead.py` measures both).
+        return _F16 if narrow_contractions() else None
     return _BF16
 
 

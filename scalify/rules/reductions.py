@@ -13,43 +13,38 @@
 
 Every rule computes in float32 (or wider) and rounds once to the output dtype.
 ``reduce_sum``, ``reduce_max`` and ``reduce_min`` read an elementwise chain's float32
-result (`scalify.core.operands.Wide`) unrounded: a measured sum of a product (a variance,
+result (`scalify.core.wide.Wide`) unrounded: a measured sum of a product (a variance,
 a gradient's sum over the batch) never measures the product's range.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from scalify.core.config import get_config, narrow_contractions
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import (
     Wide, as_jax, cast, compute_dtype, deferring, format_bounds, needs_guard, saturating_cast, scale_dtype,
     scale_mul, wide_result,
 )
-from scalify.core.config import Pow2RoundMode, get_config
-from scalify.core.pow2 import pow2_floor_and_reciprocal, pow2_round, pow2_sqrt_down
+from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
+from scalify.core.rms import pow2_rms
+from scalify.rules.same_scale import keep_scale
 
 
 def _num_reduced(shape: Sequence[int], axes: Sequence[int]) -> int:
     return int(np.prod([shape[a] for a in axes], dtype=np.int64))
 
 
-# Reductions over at least this many elements measure their output scale (see
-# `reduce_sum`); smaller ones, whose output is nearly as large as the input, keep the
-# static rule so that measuring never costs a pass over a large tensor.
-MEASURED_MIN_REDUCED = 16
-
-
 @register_scaled_op(lax.reduce_sum_p, takes_deferred=(Wide,))
 def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     """Sum over ``axes`` (in float32, rounded once to the data dtype), with an output
-    scale measured from the sum itself when N >= `MEASURED_MIN_REDUCED` elements are
-    reduced, and ``x.scale * pow2(sqrt(N))`` otherwise.
+    scale measured from the sum itself when N >= `ScalifyConfig.measured_min_reduced`
+    (16) elements are reduced, and ``x.scale * pow2(sqrt(N))`` otherwise.
 
     Why measured: the static rule is right for N independent zero-mean terms (standard
     deviation sqrt(N)), but the sums that models take are often of correlated or
@@ -57,7 +52,7 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     not sqrt(N). Layer norm's statistics then carry data sqrt(N) too large, and their
     backward (``rsqrt(var)**3``) data N**1.5 too small: gradients drift below unit size
     block after block until float16 loses them. Measuring costs one reduction over the
-    output, which is N times smaller than the input: ``m = pow2(rms(sum))``, data
+    output, which is N times smaller than the input: ``m = pow2(rms(sum))`` (`pow2_rms`), data
     ``sum / m``, scale ``x.scale * m`` (``m`` is 0 when the sum is all zeros: the zero
     tensor; 1 when it is not finite, so that the output never gets an infinite scale). The data of a measured sum are
     independent of the input scale, so scale invariance holds.
@@ -72,16 +67,26 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     output only).
     """
     n = _num_reduced(x.shape, axes)
-    measured = n >= MEASURED_MIN_REDUCED
+    measured = n >= get_config().measured_min_reduced
     wide = isinstance(x, Wide)
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
         x, wide = x.materialise(), False
     cd = compute_dtype(x.dtype)
-    total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
-    if measured:
-        normalised = wide and not _fits_mean_square(x, n, total.size)
-        m, inv_m = _pow2_rms_normalised(total) if normalised else _pow2_rms(total)
+    if measured and not wide and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
+        # Summed by a contraction with a constant vector (see `_sum_by_dot`): a sum over a
+        # dimension sharded across devices is then reduced across them in 16 bits.
+        total, c = _sum_by_dot(as_jax(x.data), tuple(axes), n, params.get("out_sharding"))
+        m, inv_m = pow2_rms(total)
         data = lax.mul(total, inv_m)
+        m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
+    elif measured:
+        total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
+        normalised = wide and not _fits_mean_square(x, n, total.size)
+        m, inv_m = pow2_rms(total, normalise=normalised)
+        data = lax.mul(total, inv_m)
+    else:
+        total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
+    if measured:
         if deferring(x.dtype):
             hi = int(np.ceil(np.log2(max(total.size, 1)) / 2)) + 1
             scale = scale_mul(x.scale, cast(m, scale_dtype()))
@@ -100,6 +105,36 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     return ScaledArray(saturating_cast(total, x.dtype), x.scale)
 
 
+_SUM_DOT = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _sum_by_dot(d: Any, axes: Tuple[int, ...], n: int, out_sharding: Any = None) -> Tuple[Any, float]:
+    """``(c * sum(d over axes) in float32, c)``: the sum of 16-bit data ``d`` as a
+    ``dot_general`` with a constant vector ``c``, float32 accumulation inside the dot and
+    a 16-bit output (of ``d``'s dtype).
+
+    Why: XLA's SPMD partitioner computes a sum over a sharded dimension (a bias or
+    embedding gradient's sum over the batch, under data parallelism) as one partial sum
+    per device, then all-reduces the partial results in the dtype the reduction
+    outputs: a float32 ``reduce_sum`` moves twice the bytes of the same gradient in a
+    bfloat16 program; a contraction's partial results move in its output dtype.
+
+    Range: for float16 ``c = 2**-ceil(log2 n)``, so every partial sum, on any device and
+    across them, is at most ``max|d| <= 65504`` (finite); the products ``d * c`` are
+    formed inside the dot's float32 accumulation (exact). The rounding to float16 at the
+    dot's output is the sum's one rounding (the measured normalisation that follows
+    multiplies by a power of two); a sum ``2**24 / n`` below ``max|d|`` or further
+    lands in float16's subnormals, whose absolute error is below the float16 rounding of
+    the data's largest elements. bfloat16 has float32's range: ``c = 1``."""
+    dt = np.dtype(d.dtype)
+    k = int(np.ceil(np.log2(max(n, 1)))) if dt == np.dtype(np.float16) else 0
+    c = 2.0**-k
+    vec = jnp.full([d.shape[a] for a in axes], c, dt)
+    dn = ((axes, tuple(range(len(axes)))), ((), ()))
+    total = lax.dot_general(d, vec, dn, preferred_element_type=dt, out_sharding=out_sharding)
+    return cast(total, np.float32), c
+
+
 def _fits_sum(x: Wide, n: int) -> bool:
     """Whether the float32 sums of ``n`` data of a `Wide` operand stay finite."""
     return x.hi + int(np.ceil(np.log2(max(n, 1)))) <= 120
@@ -113,82 +148,19 @@ def _fits_mean_square(x: Wide, n: int, size: int) -> bool:
     return 2 * top + k <= 120 and 2 * x.lo - k >= -120
 
 
-def _pow2_rms_normalised(total: Any) -> Tuple[Any, Any]:
-    """`_pow2_rms` of ``total`` divided first by ``f``, the power of two of its max-abs
-    (then multiplied back into ``m``): the same ``(m, 1 / m)`` for every ``total`` whose
-    mean square is a normal float32, and the right one for totals whose squares would
-    overflow or flush to zero. ``f = 1`` for an all-zero or non-finite ``total``."""
-    t = lax.stop_gradient(total)
-    a = lax.reduce_max(lax.abs(t), tuple(range(t.ndim)))
-    f, inv_f = _max_pow2(a)
-    m, inv = _pow2_rms(lax.mul(t, inv_f))
-    return lax.mul(m, f), lax.mul(inv, inv_f)
-
-
-@jax.jit
-def _max_pow2(a: Any) -> Tuple[Any, Any]:
-    """``(pow2_floor(a), its reciprocal)`` of a max-abs ``a`` (subnormal ``a`` read as
-    the smallest normal), ``(1, 1)`` for 0, inf or NaN. One `jit` equation."""
-    fi = jnp.finfo(a.dtype)
-    ok = lax.bitwise_and(lax.gt(a, np.zeros((), a.dtype)), lax.le(a, np.asarray(fi.max, a.dtype)))
-    f, inv = pow2_floor_and_reciprocal(lax.max(a, np.asarray(fi.tiny, a.dtype)))
-    one_ = np.ones((), a.dtype)
-    return lax.select(ok, f, one_), lax.select(ok, inv, one_)
-
-
-def _pow2_rms(total: Any) -> Tuple[Any, Any]:
-    """``(m, 1 / m)`` with ``m = pow2(rms(total))``, traced scalars of ``total``'s dtype
-    (gradient stopped); ``m = 1`` when the mean square is zero, below the smallest
-    normal number (an RMS under about 2**-63 in float32: pure cancellation noise, since
-    the summed data are near unit size) or not finite.
-
-    With the default DOWN rounding both are built from the exponent bits of the mean
-    square ``v``: ``pow2_down(sqrt(v)) = 2**floor(floor(log2 v) / 2)``, exactly. Integer
-    operations only, which XLA fuses into the consumers (a square root or a division
-    would each be a kernel of their own). Other rounding modes take the square root."""
-    t = lax.stop_gradient(total)
-    v = lax.reduce_sum(lax.square(t), tuple(range(t.ndim)))
-    v = lax.mul(v, np.asarray(1 / max(t.size, 1), v.dtype))  # the mean square
-    if get_config().rounding_mode == Pow2RoundMode.DOWN:
-        m, inv = _traced_rms_down(v)
-    else:
-        m = pow2_round(lax.sqrt(_normal_or_one(v)))
-        inv = lax.div(np.ones((), v.dtype), m)
-    # An all-zero sum is the zero tensor: scale 0, so that it never sets the scale of
-    # what it is added to (its data, 0, is kept as it is: ``inv`` stays finite).
-    return lax.select(lax.eq(v, np.zeros((), v.dtype)), np.zeros((), v.dtype), m), inv
-
-
-def _normal_or_one(v: Any) -> Any:
-    fi = jnp.finfo(v.dtype)
-    ok = lax.bitwise_and(lax.ge(v, np.asarray(fi.tiny, v.dtype)), lax.le(v, np.asarray(fi.max, v.dtype)))
-    return lax.select(ok, v, np.ones((), v.dtype))
-
-
-@jax.jit
-def _traced_rms_down(v: Any) -> Tuple[Any, Any]:
-    """``(pow2_down(sqrt(v)), its reciprocal)`` of a mean square ``v`` from exponent
-    bits; one `jit` equation whose ~20 scalar primitives are traced once per dtype."""
-    return pow2_sqrt_down(_normal_or_one(v))
-
-
 @register_scaled_op(lax.reduce_max_p, takes_deferred=(Wide,))
 def reduce_max(x: Any, **params: Any) -> Any:
     """Max over the equation's axes of the data, same scale: exact, since the scale is
     positive (``max(d * s) == max(d) * s``). A `Wide` operand stays Wide (its float32
     data's max)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.reduce_max_p.bind(x.data, **params))
-    return ScaledArray(lax.reduce_max_p.bind(as_jax(x.data), **params), x.scale)
+    return keep_scale(lax.reduce_max_p, x, **params)
 
 
 @register_scaled_op(lax.reduce_min_p, takes_deferred=(Wide,))
 def reduce_min(x: Any, **params: Any) -> Any:
     """Min over the equation's axes of the data, same scale (exact, see `reduce_max`;
     a `Wide` operand stays Wide)."""
-    if isinstance(x, Wide):
-        return x.with_data(lax.reduce_min_p.bind(x.data, **params))
-    return ScaledArray(lax.reduce_min_p.bind(as_jax(x.data), **params), x.scale)
+    return keep_scale(lax.reduce_min_p, x, **params)
 
 
 @register_scaled_op(lax.reduce_prod_p)

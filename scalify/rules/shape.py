@@ -11,7 +11,7 @@ dominate the result's precision anyway).
 ``transpose`` also takes a `Deferred` operand: a float32 contraction's result whose
 division is still pending stays pending through it (see `scalify.rules.linalg.Rescaled`).
 ``transpose``, ``reshape``, ``broadcast_in_dim`` and ``squeeze`` carry an elementwise
-chain's float32 result (`scalify.core.operands.Wide`) through unrounded, so that a chain
+chain's float32 result (`scalify.core.wide.Wide`) through unrounded, so that a chain
 broken only by a broadcast (a layer norm's statistics, a bias) still rounds and guards
 once.
 
@@ -28,24 +28,16 @@ from scalify.core.datatype import ScaledArray
 from scalify.core.operands import Wide, as_jax, common_scale, in_scale, out_dtype
 from scalify.core.pow2 import is_static
 from scalify.core.registry import Deferred, register_scaled_op
+from scalify.rules.same_scale import keep_scale
 
-# --- one operand, same scale --------------------------------------------------------
-
-
-def _keep_scale(prim: Any, x: Any, rest: Any, params: Any) -> Any:
-    """``prim`` applied to ``x.data`` (extra operands, e.g. dynamic shapes, passed on).
-    A `Wide` operand (an elementwise chain's float32 result) stays Wide: moving data
-    commutes with its pending rounding and guard."""
-    if isinstance(x, Wide):
-        return x.map_layout(lambda d: prim.bind(d, *rest, **params))
-    return ScaledArray(prim.bind(as_jax(x.data), *rest, **params), x.scale)
+# --- one operand, same scale (`keep_scale`) ------------------------------------------
 
 
 @register_scaled_op(lax.reshape_p, takes_deferred=(Wide,))
 def reshape(x: Any, *rest: Any, **params: Any) -> Any:
     """Reshape the data, keep the scale: the elements, hence their magnitude, are
     unchanged (a `Wide` operand stays Wide)."""
-    return _keep_scale(lax.reshape_p, x, rest, params)
+    return keep_scale(lax.reshape_p, x, *rest, **params)
 
 
 @register_scaled_op(lax.broadcast_in_dim_p, takes_deferred=(Wide,))
@@ -55,7 +47,7 @@ def broadcast_in_dim(x: Any, *rest: Any, **params: Any) -> Any:
 
     This is also how ``jnp.expand_dims`` and ``x[None]`` reach the jaxpr (there is no
     ``expand_dims`` primitive)."""
-    return _keep_scale(lax.broadcast_in_dim_p, x, rest, params)
+    return keep_scale(lax.broadcast_in_dim_p, x, *rest, **params)
 
 
 @register_scaled_op(lax.transpose_p, takes_deferred=True)
@@ -70,13 +62,13 @@ def transpose(x: Any, **params: Any) -> Any:
         if moved is not None:
             return moved
         x = x.materialise()
-    return _keep_scale(lax.transpose_p, x, (), params)
+    return keep_scale(lax.transpose_p, x, **params)
 
 
 @register_scaled_op(lax.squeeze_p, takes_deferred=(Wide,))
 def squeeze(x: Any, **params: Any) -> Any:
     """Drop unit axes of the data, keep the scale (a `Wide` operand stays Wide)."""
-    return _keep_scale(lax.squeeze_p, x, (), params)
+    return keep_scale(lax.squeeze_p, x, **params)
 
 
 @register_scaled_op(lax.slice_p)
@@ -85,25 +77,25 @@ def slice(x: ScaledArray, **params: Any) -> ScaledArray:  # noqa: A001 - primiti
 
     The scale is not re-fitted to the slice: a slice of unit-variance data is itself
     near unit variance, and re-fitting would cost a reduction on device."""
-    return _keep_scale(lax.slice_p, x, (), params)
+    return keep_scale(lax.slice_p, x, **params)
 
 
 @register_scaled_op(lax.rev_p)
 def rev(x: ScaledArray, **params: Any) -> ScaledArray:
     """Reverse the data along the equation's dimensions, keep the scale."""
-    return _keep_scale(lax.rev_p, x, (), params)
+    return keep_scale(lax.rev_p, x, **params)
 
 
 @register_scaled_op(lax.copy_p)
 def copy(x: ScaledArray, **params: Any) -> ScaledArray:
     """Copy the data (``jnp.copy``, ``jnp.array(x, copy=True)``), keep the scale."""
-    return _keep_scale(lax.copy_p, x, (), params)
+    return keep_scale(lax.copy_p, x, **params)
 
 
 @register_scaled_op(lax.tile_p)
 def tile(x: ScaledArray, **params: Any) -> ScaledArray:
     """Tile the data (``jnp.tile``), keep the scale: the elements are repeated as they are."""
-    return _keep_scale(lax.tile_p, x, (), params)
+    return keep_scale(lax.tile_p, x, **params)
 
 
 @register_scaled_op(lax.sharding_constraint_p)
@@ -112,7 +104,7 @@ def sharding_constraint(x: ScaledArray, **params: Any) -> ScaledArray:
 
     The scale is a scalar: the compiler replicates it on every device, so it needs no
     constraint (and a spec naming mesh axes would not even fit its rank)."""
-    return _keep_scale(lax.sharding_constraint_p, x, (), params)
+    return keep_scale(lax.sharding_constraint_p, x, **params)
 
 
 @register_scaled_op(lax.split_p)

@@ -42,3 +42,19 @@ def test_bad_config_values():
         sfy.ScalifyConfig(scale_dtype=np.int32)
     with pytest.raises(TypeError, match="scales_computed_once"):
         sfy.ScalifyConfig(scales_computed_once=1)
+    for bad in (0, 2.5, True):
+        with pytest.raises(TypeError, match="measured_min_reduced"):
+            sfy.ScalifyConfig(measured_min_reduced=bad)
+
+
+def test_measured_min_reduced_chooses_the_sum_rule():
+    """A sum of 64 equal terms measures its scale by default (pow2(64) = 64); above the
+    threshold it takes the static pow2(sqrt(64)) = 8."""
+    x = sfy.scaled_array(np.ones((64,), np.float32), np.float32(1.0))
+    f = sfy.scalify(lambda a: jnp.sum(a))
+    assert float(f(x).scale) == 64.0
+    with sfy.ScalifyConfig(measured_min_reduced=65):
+        static = f(x)
+    assert float(static.scale) == 8.0
+    assert float(sfy.asarray(static)) == 64.0
+    assert sfy.ScalifyConfig(measured_min_reduced=np.int64(4)).measured_min_reduced == 4

@@ -156,12 +156,12 @@ def test_compiled_program_grows_linearly_with_depth():
 
 
 def test_scale_computed_once_is_exact_and_keeps_its_reciprocal():
-    from scalify.core import operands
+    from scalify.core import trace_state
 
-    with operands.pow2_scope():
+    with trace_state.pow2_scope():
         for v in (3.0, 2.0**-126, 2.0**127, 0.7):
-            s = operands.aligned_scale(jnp.float32(v))
-            once = operands.computed_once(s)
+            s = trace_state.aligned_scale(jnp.float32(v))
+            once = trace_state.computed_once(s)
             assert float(once) == float(s)
-            assert float(operands.exact_reciprocal(once)) == float(operands.exact_reciprocal(s))
-        assert operands.computed_once(np.float32(2.0)) == 2.0  # static scales stay static
+            assert float(trace_state.exact_reciprocal(once)) == float(trace_state.exact_reciprocal(s))
+        assert trace_state.computed_once(np.float32(2.0)) == 2.0  # static scales stay static

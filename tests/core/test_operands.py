@@ -1,11 +1,12 @@
-"""Alignment of operands to a common scale (scalify/core/operands.py)."""
+"""Alignment of operands to a common scale (scalify/core/operands.py) and the trace-scoped
+power-of-two registry (scalify/core/trace_state.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import scalify as sfy
-from scalify.core import operands
+from scalify.core import trace_state
 from tests.utils import primitive_names
 
 RNG = np.random.default_rng(0)
@@ -93,5 +94,5 @@ def test_gradient_wrt_scales_through_alignment(sx, sy):
 def test_power_of_two_registry_is_emptied_after_each_trace():
     x = sfy.scaled_array(X, np.float32(3.0))
     jax.jit(sfy.scalify(lambda a: a + a * 2.0))(x)
-    assert operands._POW2_SCALES == {}
-    assert operands.known_pow2(np.float32(0.25)) and not operands.known_pow2(np.float32(0.3))
+    assert trace_state._POW2_SCALES == {}
+    assert trace_state.known_pow2(np.float32(0.25)) and not trace_state.known_pow2(np.float32(0.3))

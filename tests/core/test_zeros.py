@@ -1,4 +1,5 @@
-"""Scale 0 is the all-zero tensor: it carries no magnitude (DESIGN §3.4).
+"""Scale 0 is the all-zero tensor: it carries no magnitude (docs/design.md,
+contract item 4).
 
 Oracle: plain float32 JAX on the values the ScaledArrays represent.
 """

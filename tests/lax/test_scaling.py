@@ -4,21 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 import scalify as sfy
-from scalify.core import get_scaled_rule
 from tests.utils import assert_close, assert_finite, assert_pow2_scales, oracle, scaled
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((3, 4)).astype(np.float32)
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
-
-
-def requires(*prims):
-    """Skip a test that also needs scaled rules of other families not yet registered."""
-    missing = [p.name for p in prims if get_scaled_rule(p) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"needs scaled rules for {missing}")
 
 
 def modes(f):
@@ -243,7 +235,6 @@ def _loss(x):
     return jnp.sum(sfy.lax.stop_scaling(y, jnp.float32))
 
 
-@requires(lax.mul_p, lax.reduce_sum_p, lax.broadcast_in_dim_p, lax.convert_element_type_p)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_grad_inside_scalify(dtype):
     sa = scaled(X, 2.0**-4, dtype)
@@ -296,7 +287,6 @@ def test_vjp_set_scaling_rebalance_pass_gradient():
         np.testing.assert_array_equal(np.asarray(sfy.asarray(out, jnp.float32)), np.asarray(ct.to_array(jnp.float32)))
 
 
-@requires(lax.convert_element_type_p, lax.div_p)
 def test_vjp_get_data_scale():
     """d data / dx = 1 / scale (the scale is held constant)."""
     sa = scaled(X, 4.0, np.float16)

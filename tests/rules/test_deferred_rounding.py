@@ -1,4 +1,4 @@
-"""Deferred narrow rounding (`scalify.core.operands.Wide`): elementwise chains with
+"""Deferred narrow rounding (`scalify.core.wide.Wide`): elementwise chains with
 float16/float8 results hand float32 results on, and round and range-guard once, where a
 rule that is not elementwise (or the output) reads them.
 
@@ -17,7 +17,8 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 import scalify as sfy
 from scalify.core import interpreter
-from scalify.core.operands import WIDE_HI, WIDE_LO, Wide, format_bounds
+from scalify.core.formats import format_bounds
+from scalify.core.wide import WIDE_HI, WIDE_LO, Wide
 
 RNG = np.random.default_rng(0)
 

@@ -327,7 +327,8 @@ def test_pow_traced_exponent(dtype, jit):
 
 
 def test_binary_scale_results():
-    """The scales of DESIGN.md §3: add hypot, mul product, div ratio, max the larger."""
+    """The scales of docs/design.md (rule families): add hypot, mul product, div ratio,
+    max the larger."""
     x = sfy.ScaledArray(jnp.ones(3, jnp.float16), jnp.float32(2.0**-3))
     y = sfy.ScaledArray(jnp.ones(3, jnp.float16), jnp.float32(2.0**5))
     assert float(run(lax.add, x, y).scale) == 2.0**5

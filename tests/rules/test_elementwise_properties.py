@@ -1,6 +1,7 @@
 """Property-based tests of the elementwise rules: random values, magnitudes (scale
 exponents -60..60), data dtypes (float32, float16, bfloat16) and shapes, against the
-float32 oracle, with the output scales DESIGN.md §3 promises.
+float32 oracle, with the output scales docs/design.md promises (rule families and their
+scales).
 
 Elementwise rules do not look at shapes beyond scalar-versus-array broadcasting, and
 every new shape costs XLA compilations, so shapes come from a small pool (a scalar and

@@ -203,32 +203,42 @@ def test_float8_dot_with_float8_output_saturates():
         (np.float16, np.float16, np.float32, "f32"),  # a float32 result: as before
     ],
 )
-def test_narrow_data_leave_the_dot_narrow(lhs, rhs, out, dot_out):
+@pytest.mark.parametrize("narrow", [True, False])
+def test_narrow_data_leave_the_dot_narrow(lhs, rhs, out, dot_out, narrow):
     """Narrow data are contracted with float32 accumulation into a narrow dot output:
     XLA's SPMD partitioner sums a sharded contraction's partial results in the dot's
-    output dtype (tests/test_comm_bytes.py), so gradients cross devices at 16 bits."""
+    output dtype (tests/test_comm_bytes.py), so gradients cross devices at 16 bits.
+    float16 results do so only with `narrow_contractions` (by default: several devices);
+    otherwise the dot outputs float32 and the result is rounded once after it."""
     a, b = scaled(normal(8, 64), 2.0**-7, lhs), scaled(normal(64, 4), 2.0**9, rhs)
     f = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=out)  # noqa: E731
-    text = jax.jit(sfy.scalify(f)).lower(a, b).as_text()
+    if not narrow and dot_out == "f16":
+        dot_out = "f32"
+    config = sfy.ScalifyConfig(narrow_contractions=narrow)
+    with config:
+        text = jax.jit(sfy.scalify(f)).lower(a, b).as_text()
     assert re.search(rf"dot_general.*->\s*tensor<8x4x{dot_out}>", text), text
     out_dtype = np.dtype(out or lhs)
     for fn in both(f):
-        got = fn(a, b)
+        with config:
+            got = fn(a, b)
         assert got.dtype == out_dtype and float(got.scale) == 2.0**2 * 8
         check(got, data64(a) @ data64(b) * 2.0**2, out_dtype if out_dtype.itemsize > 1 else np.float16)
 
 
-def test_float16_partial_sums_cannot_overflow():
+@pytest.mark.parametrize("narrow", [True, False])
+def test_float16_partial_sums_cannot_overflow(narrow):
     """Every product 2**20 and K = 4096: the sum, 2**32, and the static estimate's data,
     2**26, are far beyond float16; the measured headroom divides an operand by more than
     pow2(sqrt(K)) before the dot, the guard moves the excess into the scale, and the value
     is exact (and the guard off, as before, the static estimate overflows)."""
     a = scaled(np.full((2, 4096), 2.0**10), 2.0**-50)
     b = scaled(np.full((4096, 3), -(2.0**10)), 2.0**-50)
-    out = jax.jit(sfy.scalify(jnp.matmul))(a, b)
+    with sfy.ScalifyConfig(narrow_contractions=narrow):
+        out = jax.jit(sfy.scalify(jnp.matmul))(a, b)
     assert_finite(out)
     np.testing.assert_array_equal(np.asarray(sfy.asarray(out, dtype=jnp.float32)), np.float32(-(2.0**-68)))
-    with sfy.ScalifyConfig(range_guard=False):
+    with sfy.ScalifyConfig(range_guard=False, narrow_contractions=narrow):
         out = jax.jit(sfy.scalify(jnp.matmul))(a, b)
     assert not np.any(np.isfinite(np.asarray(out.data, np.float32)))
 

@@ -1,5 +1,5 @@
-"""Range safety (DESIGN §3.3): wherever float32 gives a finite value inside the scale
-range, a rule's data is finite, whatever the data distribution of its operands.
+"""Range safety (docs/design.md, contract item 3): wherever float32 gives a finite value
+inside the scale range, a rule's data is finite, whatever the data distribution of its operands.
 
 Oracle: plain float32 JAX on the values the float16 ScaledArrays represent.
 """
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import scalify as sfy
-from scalify.core.operands import fit_to_format, guard_band, is_narrow
+from scalify.core.formats import is_narrow
+from scalify.core.range_guard import fit_to_format, guard_band
 
 
 def _heavy(shape=(64, 32), outlier=300.0, seed=0):

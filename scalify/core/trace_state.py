@@ -1,0 +1,124 @@
+"""Trace-scoped knowledge that a traced scale is a power of two.
+
+A ratio of scales whose divisor is a power of two needs no division (`ratio_of` in
+`scalify.core.operands`): it is a multiplication by the reciprocal built from exponent
+bits. The scales rules align operands to (`hypot_scale`, `common_scale`) are rounded to
+powers of two (`aligned_scale`) and registered here while a `scalify` trace runs.
+
+Why a registry scoped to the trace: whether a traced value is a power of two is not
+visible in its type, and the rules that know it (the one that rounded the scale) are
+not the rules that divide by it. The registry holds the tracer itself (so its id cannot
+be reused while registered) and is emptied when the trace ends (`pow2_scope`), so it
+never outlives or keeps alive a trace's tracers. A scale missing from it is only
+divided: the registry never decides a value, only which exact formula computes it.
+
+`computed_once` belongs here too: it keeps a traced scale's registration across the
+``rem`` that marks it for XLA to compute once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import jax
+import numpy as np
+
+from scalify.core.config import Pow2RoundMode, get_config
+from scalify.core.pow2 import is_static, pow2_floor_and_reciprocal, pow2_reciprocal, pow2_round_down
+
+
+_POW2_SCALES: dict = {}
+_POW2_DEPTH = [0]  # open `pow2_scope`s: outside any, nothing is registered
+
+
+def mark_pow2(s: Any) -> Any:
+    """Register the traced scale ``s`` as an exact power of two (returns ``s``) for the
+    rest of the enclosing `pow2_scope` (outside one, a no-op). Only for values with no
+    gradient path that `ratio_of` would drop: its reciprocal is built from bits, so a
+    divisor must be constant to autodiff (see `aligned_scale`)."""
+    if _POW2_DEPTH[0] and not is_static(s):
+        # The reciprocal is built here, in the trace that made ``s``: every operand
+        # aligned to ``s`` shares it, also from inside a loop body traced later.
+        register_pow2(s, pow2_reciprocal(s))
+    return s
+
+
+def register_pow2(s: Any, inv: Any) -> None:
+    """Record the traced power of two ``s`` with its reciprocal ``inv`` for the rest of
+    the enclosing `pow2_scope` (outside one, a no-op)."""
+    if _POW2_DEPTH[0]:
+        _POW2_SCALES[id(s)] = (s, inv)
+
+
+def exact_reciprocal(s: Any) -> Optional[Any]:
+    """``1 / s`` when it is exact and needs no division: ``s`` a static normal power of
+    two (NumPy), or a traced one registered by `mark_pow2` (its shared reciprocal).
+    None otherwise."""
+    if is_static(s):
+        v = np.asarray(s)
+        normal = np.all(v >= np.finfo(v.dtype).tiny) if v.dtype.kind == "f" else False
+        return pow2_reciprocal(v) if normal and np.all(pow2_round_down(v) == v) else None
+    entry = _POW2_SCALES.get(id(s))
+    return entry[1] if entry is not None and entry[0] is s else None
+
+
+def known_pow2(s: Any) -> bool:
+    """True when ``s`` is known at trace time to be an exact (normal) power of two."""
+    return exact_reciprocal(s) is not None
+
+
+@contextlib.contextmanager
+def pow2_scope() -> Iterator[None]:
+    """Context of one `scalify` trace: registrations last until it exits, so that the
+    registry never outlives (or keeps alive) a trace's tracers. Nested scopes restore
+    the outer scope's registrations."""
+    outer = dict(_POW2_SCALES)
+    _POW2_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _POW2_DEPTH[0] -= 1
+        _POW2_SCALES.clear()
+        _POW2_SCALES.update(outer)
+
+
+def computed_once(s: Any) -> Any:
+    """The traced scalar scale ``s``, marked for XLA to compute once: ``rem(s, inf)``,
+    which is exactly ``s`` (a power-of-two registration and its reciprocal carried over).
+
+    Why: XLA copies cheap scalar producers into every kernel that uses them, so each
+    scale's whole computation (back to the inputs, through every rule before it) would
+    be inlined into every kernel touching a tensor at that scale. In a deep unrolled
+    model the copies grow with depth times the number of kernels, and kernels that are
+    identical in the plain program become distinct, each compiled on its own (the
+    README's overhead results give a measured case). A float remainder is an operation
+    XLA never copies into several consumers, so each rule's output scale is computed once, in a small kernel of its
+    own, and consumers read it: kernels stay identical and are compiled once.
+    """
+    if is_static(s) or np.shape(s) != ():
+        return s
+    inf = np.asarray(np.inf, s.dtype)
+    inv = exact_reciprocal(s)
+    out = jax.lax.rem(s, inf)
+    if inv is not None:  # registered reciprocals are traced too
+        register_pow2(out, jax.lax.rem(inv, inf))
+    return out
+
+
+def aligned_scale(s: Any) -> Any:
+    """The scale operands are aligned to, from the candidate ``s`` (their largest scale).
+
+    With a rounding mode (not NONE) a traced candidate is rounded down to a power of two
+    (`pow2_floor`: exact powers unchanged, three bit operations) and registered, so that aligning
+    to it multiplies by an exact reciprocal instead of dividing (`ratio_of`). It carries
+    no gradient: the aligned value ``(x.data * sx / s) * s`` does not depend on ``s``, and
+    the reciprocal built from bits has no derivative either, so both sides agree. Static
+    candidates and NONE mode return ``s`` unchanged.
+    """
+    if is_static(s) or get_config().rounding_mode == Pow2RoundMode.NONE:
+        return s
+    if known_pow2(s):
+        return s
+    f, inv = pow2_floor_and_reciprocal(s)
+    register_pow2(f, inv)
+    return f
