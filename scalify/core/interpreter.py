@@ -158,7 +158,7 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
     Only broadcast constants (more than one element; scalar literals such as the ``0``
     of ``max(x, 0)`` stay literals), finite and non-zero (0 and inf are scale-free),
     and only when no traced float operand is present: a plain float operand means a
-    plain computation, which stays plain (contract §3.5).
+    plain computation, which stays plain (docs/design.md, contract item 6).
     """
     if get_scaled_rule(eqn.primitive) is None:
         return invals
@@ -307,7 +307,7 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
 
     Literals are read as static NumPy values, which fold at trace time. A `Deferred`
-    result of a kind marked ``eager`` (`scalify.core.operands.Wide`) is materialised at
+    result of a kind marked ``eager`` (`scalify.core.wide.Wide`) is materialised at
     once when some reader will take it materialised anyway: its other readers then share
     that ScaledArray rather than computing on from the deferred form beside it."""
     readers = _readers(jaxpr)
