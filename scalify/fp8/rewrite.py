@@ -247,9 +247,9 @@ def autocast(
       keep_output: keep the output projection in its own precision (default True): the
         matmuls from which ``fn``'s outputs are reached with no other matmul in between
         (a language model's logits, a classifier's last layer). Their results feed the
-        softmax directly, where E4M3's 3-bit mantissa costs most: a Llama-style model's
-        untied head in float8 trained to a 3% higher validation loss on
-        `benchmarks/train_gpt.py`, within 0.01% of float32 kept. One matmul per model;
+        softmax directly, where E4M3's 3-bit mantissa costs most (a Llama-style model's
+        untied head in float8 trains to a measurably higher validation loss:
+        `benchmarks/train_gpt.py --model llama`). One matmul per model;
         False runs it in float8 too. A function whose only matmuls are its output
         projection runs them in float8.
 
