@@ -56,7 +56,9 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from scalify import fp8  # its HLO text helpers (importing starts no backend: XLA_FLAGS still apply)
+# fp8's HLO text reader splits instruction lines (importing it starts no backend:
+# XLA_FLAGS still apply).
+from scalify.fp8._hlo import split_instruction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -86,9 +88,6 @@ def shapes_of(type_str: str) -> List[Tuple[str, Tuple[int, ...]]]:
     """``[(dtype, dims)]`` of an HLO type (an array or a tuple of arrays)."""
     return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
             for m in _SHAPE.finditer(re.sub(r"/\*.*?\*/", "", type_str)) if itemsize(m.group(1)) or m.group(1) == "token"]
-
-
-_balanced = fp8._balanced  # index just past the bracket group opening at s[start]
 
 
 @dataclasses.dataclass
@@ -138,27 +137,12 @@ def parse_hlo(text: str) -> Tuple[Dict[str, List[Instr]], Optional[str]]:
                 if is_entry:
                     entry = comp
             continue
-        if comp is None or " = " not in line:
+        parts = split_instruction(line) if comp is not None else None
+        if parts is None:
             continue
-        s = line.strip()
-        if s.startswith("ROOT "):
-            s = s[5:]
-        name, _, rest = s.partition(" = ")
-        if rest.startswith("("):
-            end = _balanced(rest, 0)
-            type_str, rest = rest[:end], rest[end:].lstrip()
-        else:
-            sp = rest.find(" ")
-            if sp < 0:
-                continue
-            type_str, rest = rest[:sp], rest[sp + 1:].lstrip()
-        m = re.match(r"([\w\-]+)\(", rest)
-        if not m:
-            continue
-        end = _balanced(rest, m.end() - 1)
-        args = rest[m.end():end - 1]
+        name, type_str, opcode, args, attrs, _ = parts
         operands = re.findall(r"%([\w.\-$]+)", args)
-        comps[comp].append(Instr(name.lstrip("%"), type_str, m.group(1), operands, rest[end:], comp, args))
+        comps[comp].append(Instr(name, type_str, opcode, operands, attrs, comp, args))
     return comps, entry
 
 

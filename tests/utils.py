@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 
 import scalify as sfy
+from scalify.core import walker
 from scalify.core.pow2 import is_pow2
 
 # Relative tolerance of a result held in data of each dtype (a few ulps of the format,
@@ -80,3 +81,11 @@ def primitive_names(fn: Any, *args: Any) -> set:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return names
+
+
+def count_eqns(jaxpr: Any, name: str) -> int:
+    """Occurrences of primitive ``name`` in a jaxpr and all its sub-jaxprs."""
+    return sum(
+        (eqn.primitive.name == name) + sum(count_eqns(sub, name) for sub in walker.sub_jaxprs(eqn.params))
+        for eqn in jaxpr.eqns
+    )

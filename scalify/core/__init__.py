@@ -1,4 +1,5 @@
-"""scalify's core: ScaledArray, power-of-two helpers, config, rule registry, interpreter."""
+"""scalify's core: ScaledArray, power-of-two helpers, config, rule registry, the jaxpr
+walker and the interpreter."""
 from scalify.core.config import Pow2RoundMode, ScalifyConfig, get_config
 from scalify.core.datatype import (
     ScaledArray,

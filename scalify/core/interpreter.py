@@ -46,6 +46,8 @@ from scalify.core.registry import (
     get_static_impl,
     is_always_scaled,
 )
+from scalify.core import walker
+from scalify.core.walker import bind, sub_jaxprs
 
 # Folding materialises an equation's result on the host at trace time: above this many
 # elements it is skipped (the equation is bound as usual) unless its operands are all
@@ -117,25 +119,6 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
     return result
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> List[Any]:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
-    else:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _sub_jaxprs(params: Any) -> Any:
-    for v in params.values():
-        for j in v if isinstance(v, (tuple, list)) else (v,):
-            if isinstance(j, ClosedJaxpr):
-                yield j.jaxpr
-            elif isinstance(j, Jaxpr):
-                yield j
-
-
 _SCALES_INSIDE: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -145,7 +128,7 @@ def _scales_inside(jaxpr: Jaxpr) -> bool:
     known = _SCALES_INSIDE.get(jaxpr)
     if known is None:
         known = any(
-            is_always_scaled(e.primitive) or any(_scales_inside(j) for j in _sub_jaxprs(e.params))
+            is_always_scaled(e.primitive) or any(_scales_inside(j) for j in sub_jaxprs(e.params))
             for e in jaxpr.eqns
         )
         _SCALES_INSIDE[jaxpr] = known
@@ -157,7 +140,7 @@ def _needs_rule(eqn: Any, invals: Sequence[Any]) -> bool:
         any(isinstance(x, (ScaledArray, Deferred)) for x in invals)
         or is_always_scaled(eqn.primitive)
         or (get_scaled_rule(eqn.primitive) is not None
-            and any(_scales_inside(j) for j in _sub_jaxprs(eqn.params)))
+            and any(_scales_inside(j) for j in sub_jaxprs(eqn.params)))
     )
 
 
@@ -175,7 +158,7 @@ def _constant_scales(eqn: Any, invals: Sequence[Any]) -> Sequence[Any]:
     Only broadcast constants (more than one element; scalar literals such as the ``0``
     of ``max(x, 0)`` stay literals), finite and non-zero (0 and inf are scale-free),
     and only when no traced float operand is present: a plain float operand means a
-    plain computation, which stays plain (contract §3.5).
+    plain computation, which stays plain (docs/design.md, contract item 6).
     """
     if get_scaled_rule(eqn.primitive) is None:
         return invals
@@ -245,7 +228,7 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
             )
             raise
         outs = list(out) if eqn.primitive.multiple_results else [out]
-        if next(_sub_jaxprs(eqn.params), None) is not None:
+        if next(sub_jaxprs(eqn.params), None) is not None:
             return outs  # control flow, calls: their bodies' rules marked the scales
         return [_scale_computed_once(o, invals) for o in outs]
     # Operand-free equations (``iota``) fold only through a NumPy evaluator, which
@@ -255,16 +238,16 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
         if folded is not None:
             return folded
         if not invals:
-            return _bind(eqn, invals)
+            return bind(eqn, invals)
         try:
             with jax.ensure_compile_time_eval():
-                outs = _bind(eqn, invals)
+                outs = bind(eqn, invals)
             return [_to_static(o) for o in outs]
         except Exception:
             # Some primitives cannot run outside their trace context (collectives such
             # as `pvary` of a literal need the enclosing shard_map): bind them as usual.
             pass
-    return _bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
+    return bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
 
 
 # Callables ``observer(eqn, invals, outvals)`` run after every interpreted equation at
@@ -323,30 +306,13 @@ def _read_materialised(x: Deferred, readers: Sequence[tuple]) -> bool:
 def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
 
-    A `Deferred` result of a kind marked ``eager`` (`scalify.core.operands.Wide`) is
-    materialised at once when some reader will take it materialised anyway: its other
-    readers then share that ScaledArray rather than computing on from the deferred form
-    beside it."""
-    env: dict = {}
+    Literals are read as static NumPy values, which fold at trace time. A `Deferred`
+    result of a kind marked ``eager`` (`scalify.core.wide.Wide`) is materialised at
+    once when some reader will take it materialised anyway: its other readers then share
+    that ScaledArray rather than computing on from the deferred form beside it."""
     readers = _readers(jaxpr)
 
-    def read(v: Any) -> Any:
-        if isinstance(v, Literal):
-            return np.asarray(v.val, dtype=v.aval.dtype)
-        return env[v]
-
-    def write(v: Any, val: Any) -> None:
-        if type(v).__name__ != "DropVar":
-            env[v] = val
-
-    if len(args) != len(jaxpr.invars):
-        raise TypeError(f"jaxpr expects {len(jaxpr.invars)} arguments, got {len(args)}.")
-    for v, c in zip(jaxpr.constvars, consts):
-        write(v, c)
-    for v, a in zip(jaxpr.invars, args):
-        write(v, a)
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    def evaluate(eqn: Any, invals: List[Any]) -> List[Any]:
         if any(isinstance(x, Deferred) for x in invals):
             kinds = deferred_kinds(eqn.primitive)
             invals = [x if isinstance(x, kinds) else materialise(x) for x in invals]
@@ -355,35 +321,18 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
             seen_in, seen_out = [materialise(x) for x in invals], [materialise(o) for o in outs]
             for obs in _OBSERVERS:
                 obs(eqn, seen_in, seen_out)
-        for v, o in zip(eqn.outvars, outs):
-            if isinstance(o, Deferred) and o.eager and _read_materialised(o, readers.get(v, ())):
-                o = o.materialise()
-            write(v, o)
-    return [materialise(read(v)) for v in jaxpr.outvars]
+        return [
+            o.materialise() if isinstance(o, Deferred) and o.eager and _read_materialised(o, readers.get(v, ())) else o
+            for v, o in zip(eqn.outvars, outs)
+        ]
+
+    outs = walker.eval_jaxpr(jaxpr, consts, args, evaluate, static_literals=True)
+    return [materialise(o) for o in outs]
 
 
 def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any) -> List[Any]:
     """`eval_jaxpr` for a ClosedJaxpr (its consts included)."""
     return eval_jaxpr(closed.jaxpr, closed.consts, *args)
-
-
-def _abstract(x: Any) -> Any:
-    if isinstance(x, ScaledArray):
-        if isinstance(x.data, jax.Array):
-            # Keep the array's type, as for a plain array argument: its sharding (in
-            # explicit-sharding meshes) and, inside `shard_map`, the mesh axes over
-            # which it varies, which decide the collectives JAX traces (psum of a
-            # varying value, or pvary + psum of a replicated one).
-            return _jax_compat.strong_aval(x.data)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return x
-
-
-def _is_array_leaf(x: Any) -> bool:
-    """Arrays are traced. Python numbers and other objects are static, as with
-    `eqx.filter_jit`: a model's ``inference: bool`` flag stays a Python bool, and a
-    constant such as a learning rate folds into the scale arithmetic at trace time."""
-    return isinstance(x, (ScaledArray, jax.Array, np.ndarray, np.generic))
 
 
 def _check_scaled_leaf(x: ScaledArray) -> ScaledArray:
@@ -428,7 +377,9 @@ def scalify(fun: Callable) -> Callable:
     The returned function takes the same arguments as ``fun``, where any float array may
     be a `ScaledArray`. It traces ``fun`` with the ScaledArrays' data shapes and dtypes to
     a jaxpr and interprets each equation with its scaled rule; plain arrays stay plain
-    unless combined with scaled ones. Composes with `jax.jit` (outside or inside ``fun``),
+    unless combined with scaled ones. Python numbers and other leaves that are not arrays
+    are static, closed over by the trace (`scalify.core.walker.is_traced_leaf` says
+    why). Composes with `jax.jit` (outside or inside ``fun``),
     `jax.grad` (outside or inside), `jax.vmap` and `jax.lax` control flow.
     """
 
@@ -438,30 +389,9 @@ def scalify(fun: Callable) -> Callable:
         leaves = [_check_scaled_leaf(x) if isinstance(x, ScaledArray) else x for x in leaves]
         for check in argument_checks():
             check(args, kwargs)
-        # Array leaves are traced; other leaves (numbers, functions, module config of
-        # Equinox models...) are static, closed over like `eqx.filter_jit` does.
-        is_dynamic = [_is_array_leaf(x) for x in leaves]
-        dynamic = [x for x, d in zip(leaves, is_dynamic) if d]
-
-        out_info: dict = {}
-
-        def flat_fun(*flat: Any) -> Any:
-            it = iter(flat)
-            full = [next(it) if d else x for x, d in zip(leaves, is_dynamic)]
-            a, k = jax.tree.unflatten(treedef, full)
-            out_leaves, out_info["tree"] = jax.tree.flatten(fun(*a, **k))
-            # Non-array outputs (e.g. an Equinox model's functions) are returned as they are.
-            out_info["dynamic"] = [_is_array_leaf(x) for x in out_leaves]
-            out_info["static"] = [None if d else x for x, d in zip(out_leaves, out_info["dynamic"])]
-            return [x for x, d in zip(out_leaves, out_info["dynamic"]) if d]
-
-        closed = jax.make_jaxpr(flat_fun)(*[_abstract(x) for x in dynamic])
+        traced = walker.trace(fun, leaves, treedef)
         with pow2_scope():
-            outs = iter(eval_closed_jaxpr(closed, *dynamic))
-        out_leaves = [
-            _finalise(next(outs)) if d else x
-            for x, d in zip(out_info["static"], out_info["dynamic"])
-        ]
-        return jax.tree.unflatten(out_info["tree"], out_leaves)
+            outs = eval_closed_jaxpr(traced.jaxpr, *traced.args)
+        return traced.rebuild([_finalise(o) for o in outs])
 
     return wrapped

@@ -449,9 +449,10 @@ def select_and_gather_add(tangents: Any, operand: Any, **params: Any) -> ScaledA
 # output data start near unit variance whatever the computation did. This costs one
 # small reduction over the (already reduced) output.
 
-from jax.extend.core import Jaxpr, Literal  # noqa: E402
+from jax.extend.core import Jaxpr  # noqa: E402
 from jax.extend.core import primitives as _P  # noqa: E402
 
+from scalify.core import walker  # noqa: E402
 from scalify.core.datatype import unit_scale  # noqa: E402
 
 # Call-like primitives whose body a widened computation inlines.
@@ -472,38 +473,23 @@ def _widened(jaxpr: Jaxpr, consts: Sequence[Any]) -> Any:
     float32 or wider: narrow float inputs, literals and constants are widened,
     casts to narrow floats become casts to float32, and nested calls are inlined."""
 
-    def run(j: Jaxpr, cs: Sequence[Any], *args: Any) -> List[Any]:
-        env: dict = {}
+    def evaluate(eqn: Any, invals: List[Any]) -> List[Any]:
+        invals = [_widen(x) for x in invals]
+        if eqn.primitive in _CALLS:
+            body, body_consts = walker.unpack(eqn.params[_CALLS[eqn.primitive]])
+            return run(body, body_consts, invals)
+        params = dict(eqn.params)
+        new = params.get("new_dtype")
+        if new is not None and is_float_dtype(new) and np.dtype(new).itemsize < 4:
+            params["new_dtype"] = np.dtype(np.float32)
+        return walker.bind(eqn, invals, params)
 
-        def read(v: Any) -> Any:
-            return _widen(np.asarray(v.val, v.aval.dtype) if isinstance(v, Literal) else env[v])
-
-        for v, c in zip(j.constvars, cs):
-            env[v] = c
-        for v, a in zip(j.invars, args):
-            env[v] = a
-        for eqn in j.eqns:
-            invals = [read(v) for v in eqn.invars]
-            body = eqn.params.get(_CALLS.get(eqn.primitive, ""), None)
-            if body is not None:
-                if isinstance(body, Jaxpr):
-                    outs = run(body, (), *invals)
-                else:
-                    outs = run(body.jaxpr, body.consts, *invals)
-            else:
-                params = dict(eqn.params)
-                new = params.get("new_dtype")
-                if new is not None and is_float_dtype(new) and np.dtype(new).itemsize < 4:
-                    params["new_dtype"] = np.dtype(np.float32)
-                out = eqn.primitive.bind(*invals, **params)
-                outs = out if eqn.primitive.multiple_results else [out]
-            for v, o in zip(eqn.outvars, outs):
-                if not type(v).__name__ == "DropVar":
-                    env[v] = o
-        return [read(v) for v in j.outvars]
+    def run(j: Jaxpr, cs: Sequence[Any], args: Sequence[Any]) -> List[Any]:
+        outs = walker.eval_jaxpr(j, cs, args, evaluate, static_literals=True)
+        return [_widen(o) for o in outs]
 
     def fn(*args: Any) -> List[Any]:
-        return run(jaxpr, consts, *args)
+        return run(jaxpr, consts, args)
 
     return fn
 

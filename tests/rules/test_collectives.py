@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import scalify as sfy
-from tests.utils import assert_pow2_scales
+from tests.utils import assert_pow2_scales, count_eqns
 
 N = 8
 RNG = np.random.default_rng(7)
@@ -45,20 +45,6 @@ def device_values(shape):
     rows = shape[0] // N
     mags = np.repeat(2.0 ** (3 * np.arange(N) - 12), rows).astype(np.float32)
     return v * mags.reshape((-1,) + (1,) * (len(shape) - 1))
-
-
-def count_eqns(jaxpr, name):
-    """Occurrences of primitive ``name`` in a jaxpr and all its sub-jaxprs."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += eqn.primitive.name == name
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "eqns"):
-                    total += count_eqns(sub, name)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    total += count_eqns(sub.jaxpr, name)
-    return total
 
 
 def close(got, want):
