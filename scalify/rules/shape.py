@@ -56,8 +56,8 @@ def transpose(x: Any, **params: Any) -> Any:
     """Permute the data's axes, keep the scale. A `Deferred` operand of a kind that
     carries the transpose (`Deferred.map_layout`) stays deferred: a contraction's
     pending division by ``pow2(sqrt(K))``, so that XLA sees ``transpose(dot_general)``
-    and folds the transpose into the contraction (every weight gradient has this form);
-    an elementwise chain's float32 result (`Wide`), which stays unrounded."""
+    and folds the transpose into the contraction (every weight gradient has this form).
+    A `Wide` operand (an elementwise chain's float32 result) stays Wide."""
     return keep_scale(lax.transpose_p, x, **params)
 
 
