@@ -124,6 +124,9 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
     return result
 
 
+# `_SCALES_INSIDE` and `_READERS` cache facts about a jaxpr (which primitives it holds,
+# which kinds its equations read): they depend on the jaxpr and the registry only, not
+# on the trace, so every thread shares them (a race computes the same value twice).
 _SCALES_INSIDE: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
 
 
