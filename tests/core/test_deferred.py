@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import scalify as sfy
-from scalify.core import interpreter, trace_state
+from scalify.core import interpreter, registry, trace_state
 from scalify.core.deferred import Deferred, materialise
 from scalify.core.registry import register_scaled_op
 from scalify.rules.linalg import Rescaled, scaled_dot_general
@@ -55,17 +55,27 @@ read_p.def_impl(lambda a: a)
 SEEN = []
 
 
-@register_scaled_op(double_p)
 def _double(x, *, opaque):
     return (Opaque if opaque else Doubled)(x.data, x.scale)
 
 
-@register_scaled_op(read_p, takes_deferred=(Doubled,))
 def _read(x):
     SEEN.append(type(x))
     if isinstance(x, Doubled) and not isinstance(x, Opaque):
         return sfy.ScaledArray(x.acc, x.scale * 2)  # the doubling moves into the scale
     return x
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_rules():
+    """The toy rules, registered for this module only (the registry is global: the
+    operator table of docs/operators.md lists every registered primitive)."""
+    register_scaled_op(double_p)(_double)
+    register_scaled_op(read_p, takes_deferred=(Doubled,))(_read)
+    yield
+    for p in (double_p, read_p):
+        registry._RULES.pop(p, None)
+        registry._TAKES_DEFERRED.pop(p, None)
 
 
 def double(x, opaque=False):
