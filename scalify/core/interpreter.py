@@ -15,15 +15,20 @@ The interpreter knows no primitive by name. For each equation it:
    eagerly through XLA;
 3. otherwise binds the primitive unchanged: plain arrays stay plain.
 
-A rule may return a `Deferred` value (a scan's output whose scale varies per step, a
-float32 contraction whose division is pending, an elementwise result not rounded to its
-narrow dtype yet) that only rules registered ``takes_deferred`` for its kind read as it
-is; the interpreter materialises it as a ScaledArray for any other rule, for observers
-and at the end of every jaxpr.
+A rule may return a `Deferred` value (`scalify.core.deferred`: a scan's output whose
+scale varies per step, a float32 contraction whose division is pending, an elementwise
+result not rounded to its narrow dtype yet) that only rules registered
+``takes_deferred`` for its kind read as it is; the interpreter materialises it as a
+ScaledArray for any other rule, for observers and at the end of every jaxpr. It knows
+no kind by name: it reads them through the base class's protocol.
+
+Observers (`observe`, `observing`) and the trace's other state are per thread, like the
+`ScalifyConfig` stack: two threads tracing at once never see each other's.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any, Callable, Iterator, List, Sequence
 
@@ -35,10 +40,10 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 from scalify import _jax_compat
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
+from scalify.core.deferred import Deferred, materialise
 from scalify.core.operands import as_jax, computed_once, is_scale_free, pow2_scope, promote, static_uniform_value
 from scalify.core.pow2 import is_static
 from scalify.core.registry import (
-    Deferred,
     UnsupportedPrimitiveError,
     argument_checks,
     deferred_kinds,
@@ -119,6 +124,9 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
     return result
 
 
+# `_SCALES_INSIDE` and `_READERS` cache facts about a jaxpr (which primitives it holds,
+# which kinds its equations read): they depend on the jaxpr and the registry only, not
+# on the trace, so every thread shares them (a race computes the same value twice).
 _SCALES_INSIDE: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -250,31 +258,44 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
     return bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
 
 
-# Callables ``observer(eqn, invals, outvals)`` run after every interpreted equation at
-# trace time (telemetry uses this to tap scales and statistics); see `observe`.
-_OBSERVERS: List[Callable[[Any, Sequence[Any], Sequence[Any]], None]] = []
+# This thread's callables ``observer(eqn, invals, outvals)``, run after every
+# interpreted equation at trace time (telemetry uses this to tap scales and
+# statistics); see `observe`. Per thread, as the config stack: an observer entered in
+# one thread never taps (nor slows) a trace running in another.
+_local = threading.local()
+
+
+def _observers() -> List[Callable[[Any, Sequence[Any], Sequence[Any]], None]]:
+    if not hasattr(_local, "observers"):
+        _local.observers = []
+    return _local.observers
 
 
 class observe:
     """Context manager: call ``observer(eqn, invals, outvals)`` after each equation that
-    scalify interprets (sub-jaxprs of control flow included) while tracing. Operands and
-    results are ScaledArrays or plain values: a `Deferred` one is materialised for the
-    observer (so that, while one observes, the traced program computes it)."""
+    scalify interprets (sub-jaxprs of control flow included) while this thread traces.
+    Operands and results are ScaledArrays or plain values: a `Deferred` one is
+    materialised for the observer (so that, while one observes, the traced program
+    computes it)."""
 
     def __init__(self, observer: Callable[[Any, Sequence[Any], Sequence[Any]], None]):
         self.observer = observer
 
     def __enter__(self) -> "observe":
-        _OBSERVERS.append(self.observer)
+        _observers().append(self.observer)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _OBSERVERS.remove(self.observer)
+        _observers().remove(self.observer)
 
 
-def materialise(x: Any) -> Any:
-    """``x``, or the ScaledArray of a `Deferred` ``x``."""
-    return x.materialise() if isinstance(x, Deferred) else x
+def observing() -> bool:
+    """True while an `observe` context is active in this thread.
+
+    Why public: a rule that would skip interpreting equations (the nested-``jit`` rule
+    reuses an inner function traced earlier, `scalify.rules.control_flow.calls`) must
+    not do so while observed, since observers must see every equation of each trace."""
+    return bool(_observers())
 
 
 _READERS: "weakref.WeakKeyDictionary[Jaxpr, dict]" = weakref.WeakKeyDictionary()
@@ -307,7 +328,7 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
 
     Literals are read as static NumPy values, which fold at trace time. A `Deferred`
-    result of a kind marked ``eager`` (`scalify.core.wide.Wide`) is materialised at
+    result of a kind marked ``eager`` (e.g. `scalify.core.wide.Wide`) is materialised at
     once when some reader will take it materialised anyway: its other readers then share
     that ScaledArray rather than computing on from the deferred form beside it."""
     readers = _readers(jaxpr)
@@ -317,9 +338,10 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
             kinds = deferred_kinds(eqn.primitive)
             invals = [x if isinstance(x, kinds) else materialise(x) for x in invals]
         outs = eval_equation(eqn, invals)
-        if _OBSERVERS:  # observers see ScaledArrays, as users do
+        observers = _observers()
+        if observers:  # observers see ScaledArrays, as users do
             seen_in, seen_out = [materialise(x) for x in invals], [materialise(o) for o in outs]
-            for obs in _OBSERVERS:
+            for obs in observers:
                 obs(eqn, seen_in, seen_out)
         return [
             o.materialise() if isinstance(o, Deferred) and o.eager and _read_materialised(o, readers.get(v, ())) else o

@@ -5,15 +5,23 @@ operand is a `ScaledArray` or a plain array (at least one is a ScaledArray when 
 interpreter calls the rule); ``params`` are the jaxpr equation's parameters, which a rule
 should accept with ``**params`` and pass on when it re-binds the primitive, so that new
 JAX releases adding parameters do not break it. A rule returns a ScaledArray or a plain
-array (a list of them for multiple-result primitives), or a `Deferred` value that the
-interpreter materialises as a ScaledArray for every rule not registered
-``takes_deferred``.
+array (a list of them for multiple-result primitives), or a `Deferred` value
+(`scalify.core.deferred`) that the interpreter materialises as a ScaledArray for every
+rule not registered ``takes_deferred`` for its kind.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from jax.extend.core import Primitive
+
+from scalify.core.deferred import Deferred  # re-exported: rules imported it from here
+
+__all__ = [
+    "Deferred", "UnsupportedPrimitiveError", "argument_checks", "deferred_kinds",
+    "get_scaled_rule", "get_static_impl", "is_always_scaled", "register_argument_check",
+    "register_scaled_op", "register_static_impl", "registered_primitives", "takes_deferred",
+]
 
 _RULES: Dict[Primitive, Callable[..., Any]] = {}
 # Primitives whose rule runs even when no operand is a ScaledArray (e.g. `set_scaling`,
@@ -42,9 +50,11 @@ def register_scaled_op(
 
     With ``always_scaled=True`` the interpreter calls the rule even when every operand
     is plain (the rule then decides whether its output is a ScaledArray). With
-    ``takes_deferred=True`` it hands the rule `Deferred` operands as they are, and with
-    a tuple of `Deferred` subclasses those kinds only; every other rule (and kind) gets
-    them materialised.
+    ``takes_deferred=True`` it hands the rule `Deferred` operands of every kind as they
+    are (the rule reads them through the protocol of `scalify.core.deferred`, so a kind
+    added later needs no edit to it), and with a tuple of `Deferred` subclasses those
+    kinds only (for a rule whose arithmetic is specific to them); every other rule (and
+    kind) gets them materialised.
     """
     kinds = (Deferred,) if takes_deferred is True else tuple(takes_deferred or ())
     for p in prims:
@@ -87,55 +97,6 @@ def takes_deferred(prim: Primitive) -> bool:
 def deferred_kinds(prim: Primitive) -> Tuple[type, ...]:
     """The `Deferred` kinds ``prim``'s rule takes as they are (empty: none)."""
     return _TAKES_DEFERRED.get(prim, ())
-
-
-class Deferred:
-    """A rule's result kept in a form that some rules consume more cheaply than its
-    `ScaledArray`: `materialise` gives the ScaledArray (computed once, then reused).
-
-    Three kinds exist. A scan's stacked output whose scale varies per step
-    (`scalify.rules.control_flow.loops.PerStepScaled`): as a ScaledArray its steps must be
-    aligned to one scale, a pass over the whole stack, while a later scan reading it step
-    by step can take each step at its own scale. A float32 contraction's result whose
-    division by ``pow2(sqrt(K))`` is still to do (`scalify.rules.linalg.Rescaled`): a
-    transpose moves the accumulator and keeps the division pending, so that XLA still
-    sees (and folds) ``transpose(dot_general)``. And an elementwise rule's float16/float8
-    result still in float32, not yet rounded nor range-guarded
-    (`scalify.core.wide.Wide`): the next elementwise rule computes on from it, so
-    that a chain of them rounds and guards once. The interpreter materialises a Deferred
-    operand for every rule not registered ``takes_deferred`` for its kind and at the end
-    of every jaxpr."""
-
-    _value: Any = None
-    # The value's one scale, when it has one (the interpreter marks it `computed_once`).
-    scale: Any = None
-    # Materialise at once when some reader of the value takes it materialised anyway
-    # (see `scalify.core.interpreter.eval_jaxpr`), rather than only where it is read.
-    eager: bool = False
-
-    def materialise(self) -> Any:
-        if self._value is None:
-            self._value = self._materialise()
-        return self._value
-
-    @property
-    def materialised(self) -> Any:
-        """The ScaledArray if `materialise` ran already, else None."""
-        return self._value
-
-    def _materialise(self) -> Any:
-        raise NotImplementedError
-
-    def map_layout(self, fn: Callable[[Any], Any]) -> Optional["Deferred"]:
-        """The same deferred value with the data-movement function ``fn`` (a transpose,
-        a reshape: no arithmetic) applied to its data, or None when the pending work does
-        not commute with moving data."""
-        return None
-
-    def replace_scale(self, scale: Any) -> "Deferred":
-        """The same deferred value with another (equal) scale; only for kinds with one
-        `scale`."""
-        raise NotImplementedError
 
 
 def registered_primitives() -> Dict[Primitive, Callable[..., Any]]:

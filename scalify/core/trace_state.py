@@ -9,7 +9,8 @@ Why a registry scoped to the trace: whether a traced value is a power of two is 
 visible in its type, and the rules that know it (the one that rounded the scale) are
 not the rules that divide by it. The registry holds the tracer itself (so its id cannot
 be reused while registered) and is emptied when the trace ends (`pow2_scope`), so it
-never outlives or keeps alive a trace's tracers. A scale missing from it is only
+never outlives or keeps alive a trace's tracers; it is per thread, so that two threads
+tracing at once keep their registrations apart. A scale missing from it is only
 divided: the registry never decides a value, only which exact formula computes it.
 
 `computed_once` belongs here too: it keeps a traced scale's registration across the
@@ -18,6 +19,7 @@ divided: the registry never decides a value, only which exact formula computes i
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator, Optional
 
 import jax
@@ -27,8 +29,23 @@ from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.pow2 import is_static, pow2_floor_and_reciprocal, pow2_reciprocal, pow2_round_down
 
 
-_POW2_SCALES: dict = {}
-_POW2_DEPTH = [0]  # open `pow2_scope`s: outside any, nothing is registered
+# This thread's registrations (``id(s) -> (s, reciprocal)``) and number of open
+# `pow2_scope`s (outside any, nothing is registered). Per thread, as the config stack
+# (`scalify.core.config`): a trace runs in one thread, and two threads tracing at once
+# must neither see nor clear each other's registrations.
+_local = threading.local()
+
+
+def _state() -> threading.local:
+    if not hasattr(_local, "scales"):
+        _local.scales, _local.depth = {}, 0
+    return _local
+
+
+def registered_pow2() -> dict:
+    """A copy of this thread's registrations, ``id(s) -> (s, 1 / s)`` (empty outside
+    any `pow2_scope`): for tests and debugging."""
+    return dict(_state().scales)
 
 
 def mark_pow2(s: Any) -> Any:
@@ -36,7 +53,7 @@ def mark_pow2(s: Any) -> Any:
     rest of the enclosing `pow2_scope` (outside one, a no-op). Only for values with no
     gradient path that `ratio_of` would drop: its reciprocal is built from bits, so a
     divisor must be constant to autodiff (see `aligned_scale`)."""
-    if _POW2_DEPTH[0] and not is_static(s):
+    if _state().depth and not is_static(s):
         # The reciprocal is built here, in the trace that made ``s``: every operand
         # aligned to ``s`` shares it, also from inside a loop body traced later.
         register_pow2(s, pow2_reciprocal(s))
@@ -46,8 +63,9 @@ def mark_pow2(s: Any) -> Any:
 def register_pow2(s: Any, inv: Any) -> None:
     """Record the traced power of two ``s`` with its reciprocal ``inv`` for the rest of
     the enclosing `pow2_scope` (outside one, a no-op)."""
-    if _POW2_DEPTH[0]:
-        _POW2_SCALES[id(s)] = (s, inv)
+    state = _state()
+    if state.depth:
+        state.scales[id(s)] = (s, inv)
 
 
 def exact_reciprocal(s: Any) -> Optional[Any]:
@@ -58,7 +76,7 @@ def exact_reciprocal(s: Any) -> Optional[Any]:
         v = np.asarray(s)
         normal = np.all(v >= np.finfo(v.dtype).tiny) if v.dtype.kind == "f" else False
         return pow2_reciprocal(v) if normal and np.all(pow2_round_down(v) == v) else None
-    entry = _POW2_SCALES.get(id(s))
+    entry = _state().scales.get(id(s))
     return entry[1] if entry is not None and entry[0] is s else None
 
 
@@ -72,14 +90,15 @@ def pow2_scope() -> Iterator[None]:
     """Context of one `scalify` trace: registrations last until it exits, so that the
     registry never outlives (or keeps alive) a trace's tracers. Nested scopes restore
     the outer scope's registrations."""
-    outer = dict(_POW2_SCALES)
-    _POW2_DEPTH[0] += 1
+    state = _state()
+    outer = dict(state.scales)
+    state.depth += 1
     try:
         yield
     finally:
-        _POW2_DEPTH[0] -= 1
-        _POW2_SCALES.clear()
-        _POW2_SCALES.update(outer)
+        state.depth -= 1
+        state.scales.clear()
+        state.scales.update(outer)
 
 
 def computed_once(s: Any) -> Any:

@@ -18,7 +18,7 @@ from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.formats import format_bounds, is_narrow, saturating_cast
 from scalify.core.pow2 import is_static
 from scalify.core.range_guard import fit_to_format
-from scalify.core.registry import Deferred
+from scalify.core.deferred import Deferred
 from scalify.core.static import as_jax, is_scale_free, static_scale, static_uniform_value
 from scalify.core.trace_state import computed_once
 
@@ -90,9 +90,12 @@ class Wide(Deferred):
         return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band)
 
     def map_layout(self, fn: Any) -> "Wide":
+        """`Deferred.map_layout`: a same-scale operation commutes with the pending
+        rounding and guard, and keeps the data bounds."""
         return self.with_data(fn(self.data))
 
     def replace_scale(self, scale: Any) -> "Wide":
+        """`Deferred.replace_scale`."""
         return self.with_data(self.data, scale)
 
 

@@ -36,7 +36,8 @@ from scalify.core.config import get_config, narrow_contractions
 from scalify.core.datatype import is_float_dtype
 from scalify.core.operands import as_jax, cast, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
 from scalify.core.pow2 import exp2_int, exponent, pow2_round
-from scalify.core.registry import Deferred, register_scaled_op
+from scalify.core.deferred import Deferred
+from scalify.core.registry import register_scaled_op
 
 # Used by the solver/decomposition rules at the end of this module.
 from jax.extend.core import primitives as _P  # noqa: E402
@@ -87,9 +88,12 @@ class Rescaled(Deferred):
         return ScaledArray(_rescale(self.acc, self.factor, self.dtype), self.scale)
 
     def map_layout(self, fn: Any) -> "Rescaled":
+        """`Deferred.map_layout`: a same-scale operation commutes with the pending
+        division by a power of two."""
         return Rescaled(fn(self.acc), self.factor, self.dtype, self.scale)
 
     def replace_scale(self, scale: Any) -> "Rescaled":
+        """`Deferred.replace_scale`."""
         return Rescaled(self.acc, self.factor, self.dtype, scale)
 
 
@@ -295,10 +299,8 @@ def scaled_dot_general(
     rhs: Any,
     dimension_numbers: Any,
     preferred_element_type: Optional[Any] = None,
-    *,
-    _deferred: bool = False,
     **params: Any,
-) -> Any:
+) -> ScaledArray:
     """``lax.dot_general`` of ScaledArrays (or a ScaledArray and a plain array).
 
     Args:
@@ -322,6 +324,16 @@ def scaled_dot_general(
     scale is a float32 number: operand scales whose product leaves float32's range
     (beyond about 2^±126) are out of scope.
     """
+    return _dot_general(lhs, rhs, dimension_numbers, preferred_element_type, False, **params)
+
+
+def _dot_general(
+    lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Optional[Any],
+    deferred: bool, **params: Any,
+) -> Any:
+    """`scaled_dot_general`'s body. With ``deferred`` (the ``dot_general`` rule, whose
+    result the interpreter hands on) a float32 result may be `Rescaled`; without, it is
+    always a ScaledArray."""
     (lc, rc), (lb, rb) = dimension_numbers
     dimension_numbers = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))  # hashable params
     k = contracted_size(np.shape(lhs.data if isinstance(lhs, ScaledArray) else lhs), dimension_numbers)
@@ -340,7 +352,7 @@ def scaled_dot_general(
     free = [n for d, n in enumerate(lshape) if d not in lc and d not in lb]
     free += [n for d, n in enumerate(rshape) if d not in rc and d not in rb]
     out_size = int(np.prod([lshape[d] for d in lb] + free, dtype=np.int64))
-    return _scaled_contraction(lhs, rhs, contract, k, preferred_element_type, out_size, _deferred)
+    return _scaled_contraction(lhs, rhs, contract, k, preferred_element_type, out_size, deferred)
 
 
 def _with_defaults(params: dict, **defaults: Any) -> dict:
@@ -363,10 +375,7 @@ def dot_general(
     division by ``pow2(sqrt(K))`` waits for the next rule (``.materialise()`` gives the
     ScaledArray). A float16 or float8 result is range-guarded (`fit_to_format`): K
     correlated products sum to up to K, not sqrt(K), times their size."""
-    return scaled_dot_general(
-        lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type,
-        _deferred=True, **params
-    )
+    return _dot_general(lhs, rhs, dimension_numbers, preferred_element_type, True, **params)
 
 
 def conv_fan_in(rhs_shape: Sequence[int], dimension_numbers: Any) -> int:

@@ -12,15 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from scalify.core.datatype import ScaledArray
+from scalify.core.deferred import Deferred
 from scalify.core.operands import as_jax
-from scalify.core.wide import Wide
 
 
 def keep_scale(prim: Any, x: Any, /, *rest: Any, **params: Any) -> Any:
     """``prim`` applied to ``x.data`` (extra operands, e.g. dynamic shapes, passed on),
-    at ``x.scale``. A `Wide` operand (an elementwise chain's float32 result) stays
-    Wide: the primitive commutes with its pending rounding and guard, and keeps its data
-    bounds."""
-    if isinstance(x, Wide):
-        return x.map_layout(lambda d: prim.bind(d, *rest, **params))
+    at ``x.scale``.
+
+    A `Deferred` operand (one of the kinds the rule is registered to take) stays
+    deferred where its kind carries the primitive (`Deferred.map_layout`: an elementwise
+    chain's float32 result keeps its pending rounding, a contraction its pending
+    division), and is materialised where it does not."""
+    if isinstance(x, Deferred):
+        moved = x.map_layout(lambda d: prim.bind(d, *rest, **params))
+        if moved is not None:
+            return moved
+        x = x.materialise()
     return ScaledArray(prim.bind(as_jax(x.data), *rest, **params), x.scale)

@@ -8,12 +8,13 @@ operand in one common scale, the largest, so that no operand overflows the data 
 (a much smaller operand may lose low bits or underflow instead: the larger values
 dominate the result's precision anyway).
 
-``transpose`` also takes a `Deferred` operand: a float32 contraction's result whose
-division is still pending stays pending through it (see `scalify.rules.linalg.Rescaled`).
-``transpose``, ``reshape``, ``broadcast_in_dim`` and ``squeeze`` carry an elementwise
-chain's float32 result (`scalify.core.wide.Wide`) through unrounded, so that a chain
-broken only by a broadcast (a layer norm's statistics, a bias) still rounds and guards
-once.
+``transpose`` takes a `Deferred` operand of every kind and keeps its pending work
+pending where the kind carries a transpose (`Deferred.map_layout`): a float32
+contraction's division (`scalify.rules.linalg.Rescaled`), so that XLA still folds
+``transpose(dot_general)``. ``reshape``, ``broadcast_in_dim`` and ``squeeze`` take an
+elementwise chain's float32 result (`scalify.core.wide.Wide`) and carry it through
+unrounded, so that a chain broken only by a broadcast (a layer norm's statistics, a
+bias) still rounds and guards once.
 
 ``iota`` creates integers and never meets a ScaledArray: it needs no rule.
 """
@@ -27,7 +28,7 @@ from jax import lax
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import Wide, as_jax, common_scale, in_scale, out_dtype
 from scalify.core.pow2 import is_static
-from scalify.core.registry import Deferred, register_scaled_op
+from scalify.core.registry import register_scaled_op
 from scalify.rules.same_scale import keep_scale
 
 # --- one operand, same scale (`keep_scale`) ------------------------------------------
@@ -52,16 +53,11 @@ def broadcast_in_dim(x: Any, *rest: Any, **params: Any) -> Any:
 
 @register_scaled_op(lax.transpose_p, takes_deferred=True)
 def transpose(x: Any, **params: Any) -> Any:
-    """Permute the data's axes, keep the scale. A `Deferred` operand whose pending work
-    commutes with moving data (a contraction's division by ``pow2(sqrt(K))``) stays
-    deferred, so that XLA sees ``transpose(dot_general)`` and folds the transpose into
-    the contraction (every weight gradient has this form); a `Wide` operand (an
-    elementwise chain's float32 result) stays Wide."""
-    if isinstance(x, Deferred):
-        moved = x.map_layout(lambda d: lax.transpose_p.bind(d, **params))
-        if moved is not None:
-            return moved
-        x = x.materialise()
+    """Permute the data's axes, keep the scale. A `Deferred` operand of a kind that
+    carries the transpose (`Deferred.map_layout`) stays deferred: a contraction's
+    pending division by ``pow2(sqrt(K))``, so that XLA sees ``transpose(dot_general)``
+    and folds the transpose into the contraction (every weight gradient has this form).
+    A `Wide` operand (an elementwise chain's float32 result) stays Wide."""
     return keep_scale(lax.transpose_p, x, **params)
 
 

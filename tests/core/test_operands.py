@@ -94,5 +94,5 @@ def test_gradient_wrt_scales_through_alignment(sx, sy):
 def test_power_of_two_registry_is_emptied_after_each_trace():
     x = sfy.scaled_array(X, np.float32(3.0))
     jax.jit(sfy.scalify(lambda a: a + a * 2.0))(x)
-    assert trace_state._POW2_SCALES == {}
+    assert trace_state.registered_pow2() == {}
     assert trace_state.known_pow2(np.float32(0.25)) and not trace_state.known_pow2(np.float32(0.3))

@@ -15,6 +15,7 @@ function then reuse the compiled inner function instead of compiling it at every
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any, Callable, List, Sequence, Tuple
 
 import jax
@@ -36,6 +37,28 @@ from scalify.rules.control_flow.leaves import Split
 # jaxpr of a `jax.jit`-decorated function is cached by JAX, hence the same object).
 _JIT_CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 _JIT_CACHE_SIZE = 256
+# The cache is shared by every thread (its entries depend only on their key, the config
+# included), so its least-recently-used bookkeeping is done under a lock.
+_JIT_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key: Any) -> Any:
+    """The cached entry of ``key`` (None: no key, or not cached), marked recently used."""
+    if key is None:
+        return None
+    with _JIT_CACHE_LOCK:
+        entry = _JIT_CACHE.get(key)
+        if entry is not None:
+            _JIT_CACHE.move_to_end(key)
+        return entry
+
+
+def _cache(key: Any, entry: Any) -> None:
+    """Cache ``entry`` under ``key``, evicting the least recently used beyond the size."""
+    with _JIT_CACHE_LOCK:
+        _JIT_CACHE[key] = entry
+        while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
+            _JIT_CACHE.popitem(last=False)
 
 
 def _replicated(sharding: Any) -> Any:
@@ -65,24 +88,20 @@ def jit(*operands: Any, jaxpr: ClosedJaxpr, name: str = "jit", inline: bool = Fa
     skey = split.key()
     key = None
     # Observers (telemetry) must see the inner equations at each trace: no cache then.
-    if skey is not None and not getattr(interpreter, "_OBSERVERS", None):
+    if skey is not None and not interpreter.observing():
         options = tuple(compiler_options_kvs)
         key = (jaxpr, skey, donated, ins, outs_sh, name, keep_unused, options, cfg)
         try:
             hash(key)
         except TypeError:
             key = None
-    entry = _JIT_CACHE.get(key) if key is not None else None
+    entry = _cached(key)
     if entry is None:
         entry = _make_jit(
             jaxpr, split, name, donated, ins, outs_sh, keep_unused, compiler_options_kvs
         )
         if key is not None:
-            _JIT_CACHE[key] = entry
-            while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
-                _JIT_CACHE.popitem(last=False)
-    else:
-        _JIT_CACHE.move_to_end(key)
+            _cache(key, entry)
     fn, out_tree = entry
     out = fn(*split.leaves)
     return list(out) if out_tree is None else jax.tree.unflatten(out_tree, out)

@@ -31,12 +31,12 @@ from jax import lax
 from jax.extend.core import ClosedJaxpr
 from jax.extend.core import primitives as P
 
-from scalify.core import interpreter
 from scalify.core.datatype import ScaledArray
+from scalify.core.deferred import Deferred, materialise
 from scalify.core.interpreter import eval_closed_jaxpr
 from scalify.core.operands import as_jax, cast, compute_dtype
 from scalify.core.pow2 import is_static
-from scalify.core.registry import Deferred, register_scaled_op
+from scalify.core.registry import register_scaled_op
 from scalify.rules.control_flow.fixpoint import carry_out, fixpoint
 from scalify.rules.control_flow.leaves import as_kind, kind_of, mk, times
 
@@ -49,6 +49,10 @@ class PerStepScaled(Deferred):
 
     def __init__(self, data: Any, scales: Any):
         self.data, self.scales = data, scales
+
+    def steps(self) -> Tuple[Any, Any]:
+        """`Deferred.steps`: the stacked data and its per-step scales, as they are."""
+        return self.data, self.scales
 
     def _materialise(self) -> ScaledArray:
         data, scales = self.data, self.scales
@@ -67,20 +71,29 @@ def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, le
 
     Consts are closed over (static scales stay static in the body); a scaled ``xs`` is
     sliced on its data while its scale, shared by all steps, is closed over (a
-    `PerStepScaled` ``xs`` has its scales sliced beside its data instead). Scaled
-    ``ys`` keep a scale fixed at trace time, or come out as `PerStepScaled` (data and
-    one scale per step) when their scale varies per step: another scan reads them as
+    `PerStepScaled` ``xs``, whose per-step form `Deferred.steps` gives, has its scales
+    sliced beside its data instead). Scaled ``ys`` keep a scale fixed at trace time, or
+    come out as `PerStepScaled` (data and one scale per step) when their scale varies
+    per step: another scan reads them as
     ``xs`` step by step at each step's own scale, and any other rule gets them aligned to
     the largest per-step scale (see the module docstring). In a training step this is
     what the backward scan does with the forward scan's residuals, which then need no
     alignment pass."""
-    consts = [interpreter.materialise(x) for x in operands[:num_consts]]
-    init = [interpreter.materialise(x) for x in operands[num_consts:num_consts + num_carry]]
-    xs = [x if isinstance(x, PerStepScaled) else interpreter.materialise(x) for x in operands[num_consts + num_carry:]]
-    xs_data = [as_jax(x.data if isinstance(x, (ScaledArray, PerStepScaled)) else x) for x in xs]
+    consts = [materialise(x) for x in operands[:num_consts]]
+    init = [materialise(x) for x in operands[num_consts:num_consts + num_carry]]
+    operands_xs = operands[num_consts + num_carry:]
+    # A deferred ``xs`` that has a per-step form (`Deferred.steps`) is sliced as it is,
+    # its scales beside its data; every other one is read materialised.
+    stepped = [x.steps() if isinstance(x, Deferred) else None for x in operands_xs]
+    xs = [x if st is not None else materialise(x) for x, st in zip(operands_xs, stepped)]
+    xs_data = [
+        as_jax(st[0] if st is not None else x.data if isinstance(x, ScaledArray) else x)
+        for x, st in zip(xs, stepped)
+    ]
     xs_scale = [x.scale if isinstance(x, ScaledArray) else None for x in xs]
-    per_step = [i for i, x in enumerate(xs) if isinstance(x, PerStepScaled)]
-    xs_data += [xs[i].scales for i in per_step]  # sliced beside the data, step by step
+    per_step = [i for i, st in enumerate(stepped) if st is not None]
+    num_xs = len(xs)
+    xs_data += [stepped[i][1] for i in per_step]  # sliced beside the data, step by step
     extra = {k: v for k, v in params.items() if k == "_split_transpose" and v}
 
     def attempt(kinds: List[Optional[np.dtype]], owner: object) -> List[Any]:
@@ -88,9 +101,9 @@ def scan(*operands: Any, jaxpr: ClosedJaxpr, num_consts: int, num_carry: int, le
 
         def body(carry: List[Any], x: List[Any]) -> Tuple[List[Any], List[Any]]:
             scales = list(xs_scale)
-            for i, s in zip(per_step, x[len(xs):]):
+            for i, s in zip(per_step, x[num_xs:]):
                 scales[i] = s
-            xv = [d if s is None else mk(d, s) for d, s in zip(x[:len(xs)], scales)]
+            xv = [d if s is None else mk(d, s) for d, s in zip(x[:num_xs], scales)]
             outs = eval_closed_jaxpr(jaxpr, *consts, *carry, *xv)
             new_carry = carry_out(outs[:num_carry], kinds, owner)
             ys_kind.clear()
