@@ -399,10 +399,7 @@ def _float32_call_rule(*args: Any, jaxpr: Any, like: Tuple[Optional[int], ...]) 
     through the scaled rules, each operation adds its scale arithmetic (an Adam step of
     a 20-leaf model traced about 10x the equations of the plain update and compiled 5x
     longer), for nothing: `scaled_state` computes the update in float32 by design."""
-    vals = [
-        a.to_array(compute_dtype(a.dtype)) if isinstance(a, ScaledArray) else a for a in args
-    ]
-    outs = jaxpr_as_fun(jaxpr)(*vals)
+    outs = jaxpr_as_fun(jaxpr)(*_to_compute(list(args)))
     return [
         ScaledArray(o, np.ones((), _F32)) if i is not None and isinstance(args[i], ScaledArray) else o
         for o, i in zip(outs, like)

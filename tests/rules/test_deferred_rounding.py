@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.extend.core import Jaxpr, Literal
 
 import scalify as sfy
-from scalify.core import interpreter
+from scalify.core import interpreter, walker
 from scalify.core.formats import format_bounds
 from scalify.core.wide import WIDE_HI, WIDE_LO, Wide
 
@@ -45,21 +45,17 @@ def _live_counts(jaxpr: Jaxpr) -> collections.Counter:
             continue
         live.update(v for v in e.invars if not isinstance(v, Literal))
         counts[e.primitive.name] += 1
-        for p in e.params.values():
-            for j in p if isinstance(p, (tuple, list)) else (p,):
-                if isinstance(j, (ClosedJaxpr, Jaxpr)):
-                    counts.update(_all_counts(j.jaxpr if isinstance(j, ClosedJaxpr) else j))
+        counts.update(_sub_counts(e))
     return counts
 
 
-def _all_counts(jaxpr: Jaxpr) -> collections.Counter:
+def _sub_counts(e) -> collections.Counter:
+    """Primitive counts of an equation's sub-jaxprs, whole."""
     counts: collections.Counter = collections.Counter()
-    for e in jaxpr.eqns:
-        counts[e.primitive.name] += 1
-        for p in e.params.values():
-            for j in p if isinstance(p, (tuple, list)) else (p,):
-                if isinstance(j, (ClosedJaxpr, Jaxpr)):
-                    counts.update(_all_counts(j.jaxpr if isinstance(j, ClosedJaxpr) else j))
+    for sub in walker.sub_jaxprs(e.params):
+        for s in sub.eqns:
+            counts[s.primitive.name] += 1
+            counts.update(_sub_counts(s))
     return counts
 
 
