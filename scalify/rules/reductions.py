@@ -79,13 +79,11 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
         m, inv_m = pow2_rms(total, normalise=False)  # float16 sums: squares fit float32
         data = lax.mul(total, inv_m)
         m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
-    elif measured:
-        total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
-        normalised = wide and not _fits_mean_square(x, n, total.size)
-        m, inv_m = pow2_rms(total, normalise=normalised)
-        data = lax.mul(total, inv_m)
     else:
         total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
+        if measured:
+            m, inv_m = pow2_rms(total, normalise=wide and not _fits_mean_square(x, n, total.size))
+            data = lax.mul(total, inv_m)
     if measured:
         if deferring(x.dtype):
             hi = int(np.ceil(np.log2(max(total.size, 1)) / 2)) + 1
