@@ -34,8 +34,9 @@ def _train(tmp_path, name, *extra, expect_rc=0):
     `jax.distributed`), sharing one persistent compilation cache with the other runs of
     the test; returns its JSON results."""
     out = tmp_path / f"{name}.json"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
     run = subprocess.run([sys.executable, SCRIPT, *QUICK, "--out", str(out), *extra],
                          capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == expect_rc, run.stdout[-2000:] + run.stderr[-3000:]
