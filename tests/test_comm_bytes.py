@@ -68,6 +68,11 @@ def _check_fp8_collectives(colls, weight_shapes, n_gathers, n_reductions):
     assert len(reductions) >= n_reductions, [(c.kind, c.shape, c.op_name) for c in big]
     assert all(len(c.dtypes) == 1 and comm_bytes.itemsize(c.dtypes[0]) == 2 for c in reductions), \
         [(c.shape, c.dtypes) for c in reductions]
+    # and no gradient crosses devices in float32: sums over the batch (biases, norm
+    # gains) and the embedding's scatter-add are 16-bit too.
+    wide = [c for c in big if c.kind in ("all-reduce", "reduce-scatter") and c.axes == "data"
+            and any(comm_bytes.itemsize(d) > 2 for d in c.dtypes)]
+    assert not wide, [(c.shape, c.dtypes, c.op_name) for c in wide]
 
 
 def test_fp8_gpt_step_gathers_float8_weights_and_reduces_16_bit_gradients(tmp_path):

@@ -31,9 +31,13 @@ from scalify.core.operands import (
     promote,
     scale_dtype,
     scale_of,
+    static_uniform_value,
 )
+from scalify.core.config import narrow_contractions
+from scalify.core.operands import cast, fit_to_format
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
 from scalify.core.registry import UnsupportedPrimitiveError, register_scaled_op
+from scalify.rules.linalg import _max_abs
 
 
 # --- small local helpers ---------------------------------------------------------------
@@ -156,8 +160,59 @@ def _scatter_accumulate(prim: Any, fn: Any, operand: Any, indices: Any, updates:
     if cd != dtype:
         jaxpr, consts = _binary_jaxpr(fn, cd)
         params = dict(params, update_jaxpr=jaxpr, update_consts=consts)
-    out = prim.bind(in_scale(operand, s, cd), as_jax(indices), in_scale(updates, s, cd), **params)
-    return ScaledArray(out.astype(dtype), s)
+    od, idx, ud = in_scale(operand, s, cd), as_jax(indices), in_scale(updates, s, cd)
+    groups = _scatter_groups(ud, params) if dtype in _SUM_DOT and narrow_contractions() else 1
+    if groups > 1:
+        zero = static_uniform_value(operand) == 0
+        return _grouped_scatter(prim, od, idx, ud, s, dtype, groups, params, zero)
+    out = prim.bind(od, idx, ud, **params)
+    # Duplicated indices sum up to (number of updates) terms: range-guarded.
+    return fit_to_format(out, s, dtype)
+
+
+_SUM_DOT = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _scatter_groups(ud: Any, params: dict) -> int:
+    """How many groups `_grouped_scatter` splits the updates into: the largest divisor of
+    the updates' leading dimension that divides the device count, when that dimension is
+    a scatter (not window) dimension of a scatter without batching dimensions; else 1."""
+    dn = params["dimension_numbers"]
+    if ud.ndim == 0 or 0 in dn.update_window_dims or dn.operand_batching_dims:
+        return 1
+    return int(np.gcd(ud.shape[0], jax.device_count()))
+
+
+def _grouped_scatter(prim: Any, od: Any, idx: Any, ud: Any, s: Any, dtype: np.dtype, g: int,
+                     params: dict, zero_operand: bool) -> ScaledArray:
+    """A scatter-add/sub of 16-bit data for sums that devices share
+    (`ScalifyConfig.narrow_contractions`): the updates are split along their leading
+    dimension into ``g`` groups, each scattered in float32 into its own copy of the
+    operand, and the ``g`` partial results are summed by a contraction with a 16-bit
+    output (`reductions._sum_by_dot`).
+
+    Why: XLA's SPMD partitioner scatters each device's part of a batch-sharded update
+    on its own and sums the partial results across devices in the scatter's dtype (an
+    embedding's gradient): a float32 scatter moves twice a 16-bit program's bytes, and a
+    float16 scatter rounds every addition (a token seen 2048 times stops growing). Split
+    along the batch, each device's groups are summed in float32; only their per-group
+    totals are rounded to 16 bits (once, after moving their max-abs to 2**14: no
+    overflow) and cross devices in 16 bits. The operand is added in one group only.
+    Memory: ``g`` copies of the operand, ``g / (devices sharing the batch)`` of them on
+    each device. The result is range-guarded."""
+    from scalify.core.range_guard import _guard_factor
+    from scalify.rules.reductions import _sum_by_dot
+
+    ug = ud.reshape((g, ud.shape[0] // g) + ud.shape[1:])
+    ig = idx.reshape((g, idx.shape[0] // g) + idx.shape[1:])
+    if zero_operand:  # a gradient's scatter into zeros: every group starts from zeros
+        base = jnp.zeros((g,) + tuple(od.shape), np.float32)
+    else:
+        base = lax.pad(od[None], np.float32(0), [(0, g - 1, 0)] + [(0, 0, 0)] * od.ndim)
+    parts = jax.vmap(lambda o, i, u: prim.bind(o, i, u, **params))(base, ig, ug)
+    m, inv = _guard_factor(_max_abs(parts), np.float32(0), np.float32(0), 14)
+    total, c = _sum_by_dot(cast(lax.mul(parts, inv), dtype), (0,), g)
+    return fit_to_format(lax.mul(total, lax.mul(m, np.float32(1 / c))), s, dtype)
 
 
 @register_scaled_op(lax.scatter_add_p)
@@ -165,7 +220,10 @@ def scatter_add(operand: Any, indices: Any, updates: Any, **params: Any) -> Scal
     """``x.at[i].add(u)`` (and the gradient of every gather: an embedding's backward is
     a scatter-add of the cotangents into zeros). Operand and updates are aligned to the
     largest of their scales; the additions run in float32 (duplicated indices accumulate
-    without float16 rounding) and the result is rounded once to the data dtype.
+    without float16 rounding) and the result is rounded once to the data dtype and
+    range-guarded (``n`` duplicates sum to up to ``n`` times their size). Where devices
+    share the sum (`ScalifyConfig.narrow_contractions`), 16-bit data is scattered in
+    groups whose totals cross devices in 16 bits (`_grouped_scatter`).
 
     The largest scale, rather than moving ``sqrt(#duplicates)`` into the scale, because
     the number of duplicates is data dependent; for two terms it equals add's
@@ -189,8 +247,8 @@ def scatter_mul(operand: Any, indices: Any, updates: Any, **params: Any) -> Scal
     Data: the operand is rescaled to ``s_out`` (by ``1 / max(1, s_u)``, a power of two)
     and multiplied by the updates' *values* ``d_u * s_u`` in float32, then rounded once;
     this is exact for every element hit once. With duplicated indices an element is
-    multiplied by several updates and its magnitude may leave the single scale's reach,
-    as in plain JAX. A scale-free operand or updates (0, inf, NaN) count as scale 1."""
+    multiplied by several updates and its magnitude may leave the static scale's reach:
+    the result is range-guarded (`fit_to_format`). A scale-free operand or updates (0, inf, NaN) count as scale 1."""
     s_x = _scale_or_one(operand)
     s_u = _scale_or_one(updates)
     s_out = s_x * _maximum(one(), s_u)
@@ -202,7 +260,7 @@ def scatter_mul(operand: Any, indices: Any, updates: Any, **params: Any) -> Scal
     out = lax.scatter_mul_p.bind(
         in_scale(operand, s_out, cd), as_jax(indices), in_scale(updates, one(), cd), **params
     )
-    return ScaledArray(out.astype(dtype), s_out)
+    return fit_to_format(out, s_out, dtype)
 
 
 # --- dynamic slices --------------------------------------------------------------------

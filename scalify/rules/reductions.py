@@ -65,11 +65,21 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     underflow the float32 mean square of the sums, the sums are first divided by the
     power of two of their max-abs (exact: the same ``m``; one more reduction over the
     output only).
+
+    With `ScalifyConfig.narrow_contractions` on (several devices), a measured sum of
+    float16/bfloat16 data is a contraction with 16-bit output (`_sum_by_dot`), and a
+    `Wide` operand of those dtypes is rounded (and guarded) first: the sum then crosses
+    devices in 16 bits.
     """
     n = _num_reduced(x.shape, axes)
     measured = n >= get_config().measured_min_reduced
     wide = isinstance(x, Wide)
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
+        x, wide = x.materialise(), False
+    if wide and measured and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
+        # Where devices share the sum, a 16-bit chain is rounded first and summed in 16
+        # bits (below), so that a gradient summed over a sharded batch (a layer norm's
+        # gain, a bias) crosses devices in 16 bits, as in a 16-bit plain program.
         x, wide = x.materialise(), False
     cd = compute_dtype(x.dtype)
     if measured and not wide and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():

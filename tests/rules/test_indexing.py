@@ -1,6 +1,7 @@
 """Indexing rules: gather/scatter, dynamic slices, sorts, cumulative ops, pooling and
 their gradients. Plain float32 JAX on the unscaled values is the oracle."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from jax.extend.core import primitives as P
 
 import scalify as sfy
 from scalify.core import get_scaled_rule
-from tests.utils import both, assert_close, assert_finite, assert_pow2_scales, oracle, scaled
+from tests.utils import both, assert_close, assert_finite, assert_pow2_scales, oracle, rtol_of, scaled
 
 DTYPES = [np.float32, np.float16]
 RNG = np.random.default_rng(0)
@@ -170,6 +171,50 @@ def test_scatter_add_accumulates_in_float32():
     f = lambda u: jnp.zeros((2,), u.dtype).at[jnp.zeros((n,), jnp.int32)].add(u)  # noqa: E731
     out = sfy.scalify(f)(u)
     assert_close(out, oracle(f, u), np.float16)
+
+
+def test_scatter_add_and_mul_of_duplicates_are_range_guarded():
+    """Duplicated indices sum (or multiply) beyond the static scale's reach: 4096 updates
+    of 100 add to 409600, beyond float16's 65504, and 9 factors of 4 multiply to 2**18;
+    the results stay finite and exact."""
+    n = 4096
+    u = scaled(np.full((n, 3), 100.0), 1.0, np.float16)
+    add = lambda u: jnp.zeros((2, 3), u.dtype).at[jnp.zeros((n,), jnp.int32)].add(u)  # noqa: E731
+    x = scaled(np.ones((2, 3)), 1.0, np.float16)
+    v = scaled(np.full((9, 3), 4.0), 1.0, np.float16)
+    mul = lambda x, v: x.at[jnp.zeros((9,), jnp.int32)].mul(v)  # noqa: E731
+    for f, args in ((add, (u,)), (mul, (x, v))):
+        for out in [fn(*args) for fn in both(f)]:
+            assert_finite(out)
+            assert_pow2_scales([out])
+            assert_close(out, oracle(f, *args), np.float16)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+def test_scatter_add_shared_by_devices_sums_groups_in_16_bits(dtype):
+    """With `narrow_contractions` (by default: several devices) a scatter-add of 16-bit
+    data is done in float32 per group of updates, and the groups' totals are summed by a
+    contraction with a 16-bit output: an embedding gradient over a sharded batch then
+    crosses devices in 16 bits. Every addition inside a group stays float32: 2048
+    duplicates of ``1 + 2**-10`` (a float16 accumulation stalls at 2048) and 4096
+    updates of 2**12 (whose sum passes float16's range) are both right."""
+    if jax.device_count() < 2:
+        pytest.skip("needs several (simulated) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    n = 4096
+    cases = [np.full((n, 3), 1 + 2.0**-10), np.full((n, 3), 2.0**12), RNG.standard_normal((n, 3)) * 4 + 1]
+    f = lambda u: jnp.zeros((2, 3), u.dtype).at[jnp.zeros((n,), jnp.int32)].add(u)  # noqa: E731
+    narrow_dt = "f16" if np.dtype(dtype) == np.float16 else "bf16"
+    for values in cases:
+        u = scaled(values, 2.0**-20, dtype)
+        with sfy.ScalifyConfig(narrow_contractions=True):
+            text = jax.jit(sfy.scalify(f)).lower(u).as_text()
+            out = jax.jit(sfy.scalify(f))(u)
+        assert re.search(rf"dot_general.*->\s*tensor<2x3x{narrow_dt}>", text), text
+        assert_finite(out)
+        want = np.sum(np.asarray(u.data, np.float64), 0) * 2.0**-20
+        got = np.asarray(out.data, np.float64) * float(out.scale)
+        np.testing.assert_allclose(got[0], want, rtol=2 * rtol_of(dtype))
+        np.testing.assert_array_equal(got[1], 0.0)
 
 
 def test_scatter_apply_is_refused_clearly():

@@ -248,6 +248,10 @@ def test_measured_sum_of_16bit_data_leaves_in_16_bits(dtype, narrow):
         assert_finite(out)
         assert_pow2_scales([out])
         np.testing.assert_array_equal(values64(out), 2.0**24 * 2.0**-30)
+    # A sum of an elementwise chain's result (float32 inside scalify until rounded) too.
+    with config:
+        text = jax.jit(sfy.scalify(lambda x: f(x * x))).lower(x).as_text()
+    assert bool(re.search(rf"dot_general.*->\s*tensor<3x{narrow_dt}>", text)) == narrow, text
     # Zero-mean data: the sum's one rounding, against float64.
     y = scaled(RNG.standard_normal((512, 7)), 2.0**5, dtype)
     with config:
