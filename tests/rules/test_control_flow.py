@@ -144,6 +144,22 @@ def test_scan_per_step_scaled_ys_are_aligned_for_other_consumers():
     assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 4.0  # a scalify output
 
 
+def test_scan_per_step_scaled_ys_all_zero_are_the_zero_tensor():
+    """Every step zero (scale 0): the stacked ys are zeros at scale 0, not 0 / 0 = NaN
+    data. Here the gradient of an RNN whose tanh saturates (its derivative is exactly 0
+    at every step), against float32."""
+    w = RNG.standard_normal((4, 4)).astype(np.float32)
+
+    def f(xs, w):
+        ys = lax.scan(lambda c, x: (jnp.tanh(c @ w + x),) * 2, jnp.ones((4,), xs.dtype), xs)[1]
+        return jnp.sum(ys * jnp.arange(4.0, dtype=xs.dtype))
+
+    xs, ws = scaled(XS[:, 0], 2.0**-16, np.float16), scaled(w, 2.0**36, np.float16)
+    got = jax.jit(sfy.scalify(jax.grad(f)))(xs, ws)
+    assert np.isfinite(np.asarray(got.data, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(sfy.asarray(got, jnp.float32)), oracle(jax.grad(f), xs, ws))
+
+
 def test_scan_per_step_scaled_ys_transposed_keep_one_scale():
     # Materialised inside the transpose rule, the aligned ys keep their scale: adding
     # them to the untransposed ys aligns nothing.
