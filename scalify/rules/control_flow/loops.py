@@ -34,7 +34,7 @@ from jax.extend.core import primitives as P
 from scalify.core.datatype import ScaledArray
 from scalify.core.deferred import Deferred, materialise
 from scalify.core.interpreter import eval_closed_jaxpr
-from scalify.core.operands import as_jax, cast, compute_dtype, ratio_of
+from scalify.core.operands import as_jax, cast, compute_dtype
 from scalify.core.pow2 import is_static
 from scalify.core.registry import register_scaled_op
 from scalify.rules.control_flow.fixpoint import carry_out, fixpoint
@@ -60,8 +60,9 @@ class PerStepScaled(Deferred):
             return mk(data, np.ones((), scales.dtype))
         top = lax.reduce_max(scales, (0,))
         cd = compute_dtype(data.dtype)
-        # ratio_of: all steps zero (scale 0) give ratios 0, not 0 / 0
-        ratio = lax.broadcast_in_dim(cast(ratio_of(scales, top), cd), data.shape, (0,))
+        # all steps zero (scale 0): ratios 0 / 1, not 0 / 0
+        nonzero = lax.select(lax.eq(top, np.zeros((), top.dtype)), np.ones((), top.dtype), top)
+        ratio = lax.broadcast_in_dim(cast(lax.div(scales, nonzero), cd), data.shape, (0,))
         return mk(cast(lax.mul(cast(data, cd), ratio), data.dtype), top)
 
 
