@@ -68,18 +68,22 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
 
     With `ScalifyConfig.narrow_contractions` on (several devices), a measured sum of
     float16/bfloat16 data is a contraction with 16-bit output (`_sum_by_dot`), and a
-    `Wide` operand of those dtypes is rounded (and guarded) first: the sum then crosses
-    devices in 16 bits.
+    `Wide` operand of those dtypes whose chain needs no range guard is rounded first: the
+    sum then crosses devices in 16 bits. A guarded chain is summed in float32 (its
+    guard would cost more than the float32 bytes it saves).
     """
     n = _num_reduced(x.shape, axes)
     measured = n >= get_config().measured_min_reduced
     wide = isinstance(x, Wide)
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
         x, wide = x.materialise(), False
-    if wide and measured and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
-        # Where devices share the sum, a 16-bit chain is rounded first and summed in 16
-        # bits (below), so that a gradient summed over a sharded batch (a layer norm's
-        # gain, a bias) crosses devices in 16 bits, as in a 16-bit plain program.
+    if wide and measured and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions() and not (
+            x.guard and get_config().range_guard):
+        # Where devices share the sum, a 16-bit chain that needs no guard is rounded
+        # first and summed in 16 bits (below), so that a gradient summed over a sharded
+        # batch crosses devices in 16 bits. A guarded chain (a product: a layer norm's
+        # gain gradient) stays float32: rounding it would cost a max-abs pass and one
+        # more scalar all-reduce, far more than the vector's float32 bytes.
         x, wide = x.materialise(), False
     cd = compute_dtype(x.dtype)
     if measured and not wide and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
