@@ -15,6 +15,12 @@ divided: the registry never decides a value, only which exact formula computes i
 
 `computed_once` belongs here too: it keeps a traced scale's registration across the
 ``rem`` that marks it for XLA to compute once.
+
+Selections are recorded the same way (`register_selection`, `selection_of`): the data of
+``max``/``min`` of operands at distinct scales, with those operands. Such a result is
+rounded to one scale, which may flush the smaller operand's elements, so comparing an
+operand with it (as ``max``'s derivative does) would be wrong there; the comparison
+rules answer it from the operands instead.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ _local = threading.local()
 
 def _state() -> threading.local:
     if not hasattr(_local, "scales"):
-        _local.scales, _local.depth = {}, 0
+        _local.scales, _local.selections, _local.depth = {}, {}, 0
     return _local
 
 
@@ -91,7 +97,7 @@ def pow2_scope() -> Iterator[None]:
     registry never outlives (or keeps alive) a trace's tracers. Nested scopes restore
     the outer scope's registrations."""
     state = _state()
-    outer = dict(state.scales)
+    outer, outer_selections = dict(state.scales), dict(state.selections)
     state.depth += 1
     try:
         yield
@@ -99,6 +105,23 @@ def pow2_scope() -> Iterator[None]:
         state.depth -= 1
         state.scales.clear()
         state.scales.update(outer)
+        state.selections.clear()
+        state.selections.update(outer_selections)
+
+
+def register_selection(data: Any, kind: str, operands: Any) -> None:
+    """Record that the traced ``data`` is the data of ``kind`` (``"max"`` or ``"min"``)
+    of the two ScaledArray ``operands``, for the rest of the enclosing `pow2_scope`
+    (outside one, a no-op)."""
+    state = _state()
+    if state.depth:
+        state.selections[id(data)] = (data, kind, tuple(operands))
+
+
+def selection_of(data: Any) -> Optional[tuple]:
+    """``(kind, operands)`` recorded for ``data`` by `register_selection`, else None."""
+    entry = _state().selections.get(id(data))
+    return entry[1:] if entry is not None and entry[0] is data else None
 
 
 def computed_once(s: Any) -> Any:

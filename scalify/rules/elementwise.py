@@ -57,6 +57,7 @@ from jax.extend.core import primitives as jax_primitives
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.formats import clip_to_format
+from scalify.core.trace_state import register_selection, selection_of
 from scalify.core.operands import (
     Wide,
     as_jax,
@@ -384,7 +385,12 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
     s, data = _aligned(xs, compute_dtype(dtype) if mixed else dtype)
     operands = data if pred is None else [as_jax(pred), *data]
     out = prim.bind(*operands, **params)
-    return fit_to_format(out, s, dtype, spread=True) if mixed else ScaledArray(out, s)
+    if not mixed:
+        return ScaledArray(out, s)
+    out = fit_to_format(out, s, dtype, spread=True)
+    if prim in (lax.max_p, lax.min_p):
+        register_selection(out.data, prim.name, xs)  # see `_equal_to_selection`
+    return out
 
 
 def _selected_bounds(x: Any, dtype: Any) -> Tuple[int, int]:
@@ -483,8 +489,32 @@ def _registered(prim: Primitive, rule: Callable[..., Any], doc: str, **options: 
     return register_scaled_op(prim, **options)(rule)
 
 
+def _equal_to_selection(x: Any, y: Any) -> Any:
+    """``eq(a, z)`` for ``z = max(a, b)`` (or ``min``) of operands at distinct traced
+    scales, as ``a >= b`` (``a <= b``); None for any other pair.
+
+    Why: ``z`` is rounded to one scale (`_select`), which can flush or round ``b``'s
+    elements when they lie far below ``a``'s, and ``max``'s derivative finds the
+    selected operand by comparing each operand with ``z``: that derivative would be lost.
+    The operands themselves decide it exactly, with the same answer wherever ``z`` is
+    exact (NaN included: both are false)."""
+    for u, z in ((x, y), (y, x)):
+        sel = selection_of(getattr(z, "data", None)) if isinstance(z, ScaledArray) else None
+        if sel is None:
+            continue
+        kind, (a, b) = sel
+        for p, q in ((a, b), (b, a)):
+            if u is p or (isinstance(u, ScaledArray) and u.data is p.data and u.scale is p.scale):
+                return (ge if kind == "max" else le)(p, q)
+    return None
+
+
 def _comparison(prim: Primitive) -> Callable[..., Any]:
     def rule(x: Any, y: Any, **params: Any) -> Any:
+        if prim is lax.eq_p:
+            selected = _equal_to_selection(x, y)
+            if selected is not None:
+                return selected
         a, b = _aligned_low(x, y)
         return prim.bind(a, b, **params)
 
@@ -494,6 +524,10 @@ def _comparison(prim: Primitive) -> Callable[..., Any]:
         "underflow of the small operand (1e-30 still compares greater than 0 held at "
         "scale 1e30), and an overflow of the large one gives +-inf, which orders "
         "correctly. Unscaled values are never formed."
+        + (" ``eq(a, max(a, b))`` of operands at distinct scales (as ``max``'s and "
+           "``min``'s derivatives compare them) is ``a >= b`` (``a <= b`` for ``min``): "
+           "exact where the rounded result lost ``b``'s elements."
+           if prim is lax.eq_p else "")
     ))
 
 

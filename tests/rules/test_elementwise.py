@@ -569,6 +569,24 @@ def test_clamp(jit):
         assert float(out.scale) == sx
 
 
+@pytest.mark.parametrize("op", [jnp.maximum, jnp.minimum], ids=["max", "min"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_max_min_derivative_finds_an_operand_far_below_the_other(op, jit):
+    """``max(x, y)`` with ``y`` 2**37 below ``x``: the result, rounded to one float16
+    scale, cannot hold ``y``'s elements, yet ``max``'s derivative (which compares each
+    operand with the result) still finds where ``y`` was selected: both gradients equal
+    float32's, exactly (they are ``w`` or 0)."""
+    x = sfy.ScaledArray(jnp.asarray(Z, jnp.float16), jnp.float32(2.0**6))
+    y = sfy.ScaledArray(jnp.asarray(np.abs(Z2), jnp.float16), jnp.float32(2.0**-31))
+    w = (1 + np.arange(16) / 16).astype(np.float32)  # exact in float16
+    grad = jax.grad(lambda x, y: jnp.sum(op(x, y).astype(jnp.float32) * w), argnums=(0, 1))
+    got = run(grad, x, y, jit=jit)
+    want = oracle(grad, x, y)
+    assert 0 < np.count_nonzero(want[1]) < 16  # y selected somewhere, not everywhere
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(sfy.asarray(g, jnp.float32)), e)
+
+
 # --------------------------------------------------------------------------------------
 # nextafter, casts, precision, gradients.
 # --------------------------------------------------------------------------------------
