@@ -336,7 +336,12 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
     def evaluate(eqn: Any, invals: List[Any]) -> List[Any]:
         if any(isinstance(x, Deferred) for x in invals):
             kinds = deferred_kinds(eqn.primitive)
-            invals = [x if isinstance(x, kinds) else materialise(x) for x in invals]
+            # A value that an earlier reader materialised (a rule may do so, for its
+            # own operand, where only its data bounds tell it to) is read materialised
+            # by every later one too: all readers see the same value, so that
+            # ``v + v * t`` with ``t = -1`` cancels exactly, as in the plain program.
+            invals = [x if isinstance(x, kinds) and x.materialised is None else materialise(x)
+                      for x in invals]
         outs = eval_equation(eqn, invals)
         observers = _observers()
         if observers:  # observers see ScaledArrays, as users do
