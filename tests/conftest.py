@@ -16,3 +16,11 @@ import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests marked ``slow`` (minutes each: whole training runs, child processes)
+    first: under ``pytest -n 2`` they then overlap with the many short tests instead of
+    running alone at the end, which made the suite's wall time depend on where the
+    scheduler happened to place them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -198,13 +198,21 @@ def _sum_bounds(bx: Tuple[int, int], by: Tuple[int, int]) -> Tuple[int, int]:
 
 def _sum(lax_fn: Callable[..., Any], x: Any, y: Any) -> Any:
     dtype = out_dtype(x, y)
+    # float8 data spans 2**-9 to 448 only: where the larger operand's values are far
+    # below its scale (``relu`` of negative values is zeros at ``x``'s scale; a
+    # cancellation), the sum's static scale flushes the other operand's elements
+    # (``relu(x) - 1.5`` read 0). A float8 sum is therefore range-guarded, which lifts
+    # such data; float16's 40 binades make this too rare to pay a guard for.
+    lift = np.dtype(dtype).itemsize == 1 and is_narrow(dtype) and get_config().range_guard
     if deferring(dtype):
         (x, y), bounds = bounded_operands((x, y), _sum_bounds)
         s = hypot_scale(scale_of(x), scale_of(y))
-        return wide_result(lax_fn(in_scale(x, s), in_scale(y, s)), s, dtype, needs_guard(x, y), bounds)
+        guard = needs_guard(x, y) or lift
+        return wide_result(lax_fn(in_scale(x, s), in_scale(y, s)), s, dtype, guard, bounds)
     x, y = materialised(x), materialised(y)
     s = hypot_scale(scale_of(x), scale_of(y))
-    return ScaledArray(cast(lax_fn(in_scale(x, s), in_scale(y, s)), dtype), s)
+    out = lax_fn(in_scale(x, s), in_scale(y, s))
+    return fit_to_format(out, s, dtype) if lift else ScaledArray(cast(out, dtype), s)
 
 
 @register_scaled_op(lax.add_p, jax_primitives.add_jaxvals_p, takes_deferred=(Wide,))
@@ -214,7 +222,9 @@ def add(x: Any, y: Any, **params: Any) -> Any:
     constant (``x + 0``) keeps the other operand's scale. Also the rule of autodiff's
     ``add_any`` (``add_jaxvals_p``), which sums cotangents. Deferred rounding: a
     float16/float8 sum is handed on in float32 (`Wide`; its chain is guarded at the end
-    only where one of the chain's rules needed the guard)."""
+    only where one of the chain's rules needed the guard). A float8 sum is guarded:
+    where the larger operand's values lie far below its scale (zeros of a ``relu``),
+    the smaller one's would flush in float8's 18 binades."""
     return _sum(lax.add, x, y)
 
 

@@ -587,6 +587,18 @@ def test_max_min_derivative_finds_an_operand_far_below_the_other(op, jit):
         np.testing.assert_array_equal(np.asarray(sfy.asarray(g, jnp.float32)), e)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_float8_sum_lifts_what_its_static_scale_would_flush(dtype, jit):
+    """``relu(x) - 1.5`` for negative ``x`` at scale 2**16: the relu is zeros at ``x``'s
+    scale, and at the sum's static scale 1.5 lies below float8's smallest subnormal; the
+    guarded float8 sum moves it back into range: exactly -1.5, as in float32."""
+    x = sfy.ScaledArray(jnp.asarray(-np.abs(Z[:8]) - 0.5, dtype), jnp.float32(2.0**16))
+    f = lambda x: jax.nn.relu(x) - 1.5  # noqa: E731
+    out = run(f, x, jit=jit)
+    np.testing.assert_array_equal(np.asarray(sfy.asarray(out, jnp.float32)), oracle(f, x))
+
+
 # --------------------------------------------------------------------------------------
 # nextafter, casts, precision, gradients.
 # --------------------------------------------------------------------------------------
