@@ -426,8 +426,9 @@ def test_range_in_float16(name, scale):
 
 # --- gradients inside scalify ----------------------------------------------------------
 
-def check_grad(loss, *args, dtype=np.float16, argnums=0):
-    """``scalify(grad(loss))`` equals ``grad(loss)`` on float32 values."""
+def check_grad(loss, *args, dtype=np.float16, argnums=0, atol_of_max=0.0):
+    """``scalify(grad(loss))`` equals ``grad(loss)`` on float32 values (``atol_of_max``:
+    an absolute tolerance as a fraction of each gradient's largest magnitude)."""
     g = jax.grad(loss, argnums=argnums)
     want = g(*sfy.asarray(args, dtype=jnp.float32))
     for fn in (jax.jit(sfy.scalify(g)),):  # eager op-by-op grads are slow on CPU
@@ -436,15 +437,25 @@ def check_grad(loss, *args, dtype=np.float16, argnums=0):
         assert_finite(out)
         for o, e in zip(leaves(out), jax.tree.leaves(want)):
             scale = float(o.scale) if isinstance(o, sfy.ScaledArray) else 1.0
-            assert_close(o, e, dtype, atol=1e-4 * scale)
+            atol = max(1e-4 * scale, atol_of_max * float(np.max(np.abs(e), initial=0.0)))
+            assert_close(o, e, dtype, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [np.float16])
-def test_grad_embedding_gather(dtype):
+@pytest.mark.parametrize("seed", range(4))
+def test_grad_embedding_gather(dtype, seed):
+    """The table's gradient is a scatter-add of the cotangents; with several devices
+    (`ScalifyConfig.narrow_contractions`, on in this suite) it sums per group of the
+    batch in float32 and rounds each group's total to float16 once
+    (`indexing._grouped_scatter`), so an element where the groups' totals cancel keeps
+    their rounding: up to 2**-11 of the largest gradient each, hence the absolute
+    tolerance of 2**-10 of the largest."""
+    rng = np.random.default_rng(seed)
     table = scaled(X, 2.0**-30, dtype)
-    w = scaled(RNG.standard_normal((2, 3, 8)), 2.0**-10, dtype)
+    w = scaled(rng.standard_normal((2, 3, 8)), 2.0**-10, dtype)
     tokens = jnp.asarray([[0, 5, 0], [3, 0, 1]])
-    check_grad(lambda t, w: jnp.sum(t[tokens] * w), table, w, dtype=dtype, argnums=(0, 1))
+    check_grad(lambda t, w: jnp.sum(t[tokens] * w), table, w, dtype=dtype, argnums=(0, 1),
+               atol_of_max=2.0**-10)
 
 
 @pytest.mark.parametrize("dtype", [np.float16])
