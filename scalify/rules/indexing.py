@@ -37,7 +37,9 @@ from scalify.core.config import narrow_contractions
 from scalify.core.operands import cast, fit_to_format
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
 from scalify.core.registry import UnsupportedPrimitiveError, register_scaled_op
+from scalify.core.range_guard import _guard_factor
 from scalify.rules.linalg import _max_abs
+from scalify.rules.reductions import _SUM_DOT, _sum_by_dot
 
 
 # --- small local helpers ---------------------------------------------------------------
@@ -170,8 +172,6 @@ def _scatter_accumulate(prim: Any, fn: Any, operand: Any, indices: Any, updates:
     return fit_to_format(out, s, dtype)
 
 
-_SUM_DOT = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
-
 
 def _scatter_groups(ud: Any, params: dict) -> int:
     """How many groups `_grouped_scatter` splits the updates into: the largest divisor of
@@ -200,9 +200,6 @@ def _grouped_scatter(prim: Any, od: Any, idx: Any, ud: Any, s: Any, dtype: np.dt
     overflow) and cross devices in 16 bits. The operand is added in one group only.
     Memory: ``g`` copies of the operand, ``g / (devices sharing the batch)`` of them on
     each device. The result is range-guarded."""
-    from scalify.core.range_guard import _guard_factor
-    from scalify.rules.reductions import _sum_by_dot
-
     ug = ud.reshape((g, ud.shape[0] // g) + ud.shape[1:])
     ig = idx.reshape((g, idx.shape[0] // g) + idx.shape[1:])
     if zero_operand:  # a gradient's scatter into zeros: every group starts from zeros
