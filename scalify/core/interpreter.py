@@ -41,8 +41,12 @@ from scalify import _jax_compat
 from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
 from scalify.core.deferred import Deferred, materialise
-from scalify.core.operands import as_jax, computed_once, is_scale_free, pow2_scope, promote, static_uniform_value
+from scalify.core.operands import (
+    as_jax, computed_once, in_scale, is_scale_free, pow2_scope, promote, static_scale,
+    static_uniform_value,
+)
 from scalify.core.pow2 import is_static
+from scalify.core.trace_state import exact_of, register_exact
 from scalify.core.registry import (
     UnsupportedPrimitiveError,
     argument_checks,
@@ -120,8 +124,45 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
         o = np.asarray(o)
         if o.shape != tuple(v.aval.shape):
             return None
-        result.append(_to_static(o.astype(v.aval.dtype, copy=False)))
+        with np.errstate(all="ignore"):  # overflow to inf is XLA's value too
+            folded = _to_static(o.astype(v.aval.dtype, copy=False))
+        if _lost_in_cast(o, folded):
+            register_exact(folded, o)
+        result.append(folded)
     return result
+
+
+def _lost_in_cast(exact: np.ndarray, cast: np.ndarray) -> bool:
+    """True when casting the finite float ``exact`` to ``cast``'s narrower float dtype
+    flushed a non-zero element below the normal range (to 0 or a subnormal) or overflowed
+    one to infinity: the value a float32 program would compute is then recorded beside
+    the fold (`register_exact`), for scaled rules to read at its own scale."""
+    if not (is_float_dtype(exact.dtype) and is_float_dtype(cast.dtype)
+            and exact.dtype.itemsize > cast.dtype.itemsize):
+        return False
+    with np.errstate(all="ignore"):
+        if not np.all(np.isfinite(exact)):
+            return False
+        c = np.abs(cast.astype(exact.dtype))
+        lost = (exact != 0) & ((c < np.finfo(cast.dtype).tiny) | ~np.isfinite(c))
+    return bool(np.any(lost))
+
+
+def _exact_operand(x: Any) -> Any:
+    """A static operand as a scaled rule reads it: a fold that its dtype could not hold
+    (`_lost_in_cast`) as a ScaledArray of its recorded value at its own power-of-two
+    scale, in the same dtype; any other operand unchanged.
+
+    Why only for scaled rules: a plain computation reading the fold stays plain and
+    computes what JAX does (docs/design.md, contract item 6); a scaled one can carry the
+    value, as it carries every other magnitude outside the narrow format's range."""
+    if not isinstance(x, np.ndarray):
+        return x
+    exact = exact_of(x)
+    if exact is None:
+        return x
+    s = static_scale(exact)
+    return ScaledArray(as_jax(in_scale(exact, s, x.dtype)), s)
 
 
 # `_SCALES_INSIDE` and `_READERS` cache facts about a jaxpr (which primitives it holds,
@@ -226,6 +267,7 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
         rule = get_scaled_rule(eqn.primitive)
         if rule is None:
             raise _unsupported(eqn, invals)
+        invals = [_exact_operand(x) for x in invals]
         try:
             out = rule(*invals, **eqn.params)
         except UnsupportedPrimitiveError:

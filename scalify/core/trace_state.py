@@ -21,6 +21,11 @@ Selections are recorded the same way (`register_selection`, `selection_of`): the
 rounded to one scale, which may flush the smaller operand's elements, so comparing an
 operand with it (as ``max``'s derivative does) would be wrong there; the comparison
 rules answer it from the operands instead.
+
+Static values folded into a narrow dtype that cannot hold them are recorded too
+(`register_exact`, `exact_of`): ``tol**2`` computed in float32 and cast to float16 (as
+``jax.scipy.sparse.linalg.cg`` does) is 0 there, while scaled rules can carry it at its
+own scale.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ _local = threading.local()
 
 def _state() -> threading.local:
     if not hasattr(_local, "scales"):
-        _local.scales, _local.selections, _local.depth = {}, {}, 0
+        _local.scales, _local.selections, _local.exacts, _local.depth = {}, {}, {}, 0
     return _local
 
 
@@ -98,6 +103,7 @@ def pow2_scope() -> Iterator[None]:
     the outer scope's registrations."""
     state = _state()
     outer, outer_selections = dict(state.scales), dict(state.selections)
+    outer_exacts = dict(state.exacts)
     state.depth += 1
     try:
         yield
@@ -107,6 +113,8 @@ def pow2_scope() -> Iterator[None]:
         state.scales.update(outer)
         state.selections.clear()
         state.selections.update(outer_selections)
+        state.exacts.clear()
+        state.exacts.update(outer_exacts)
 
 
 def register_selection(data: Any, kind: str, operands: Any) -> None:
@@ -122,6 +130,21 @@ def selection_of(data: Any) -> Optional[tuple]:
     """``(kind, operands)`` recorded for ``data`` by `register_selection`, else None."""
     entry = _state().selections.get(id(data))
     return entry[1:] if entry is not None and entry[0] is data else None
+
+
+def register_exact(value: Any, exact: Any) -> None:
+    """Record that the static ``value`` is ``exact`` (a NumPy array in a wider dtype)
+    rounded to a dtype that flushed or overflowed some of its elements, for the rest of
+    the enclosing `pow2_scope` (outside one, a no-op)."""
+    state = _state()
+    if state.depth:
+        state.exacts[id(value)] = (value, exact)
+
+
+def exact_of(value: Any) -> Optional[Any]:
+    """The wider value recorded for the static ``value`` by `register_exact`, else None."""
+    entry = _state().exacts.get(id(value))
+    return entry[1] if entry is not None and entry[0] is value else None
 
 
 def computed_once(s: Any) -> Any:

@@ -80,11 +80,17 @@ def select_n(which: Any, *cases: Any, **params: Any) -> Any:
 @register_static_impl(lax.convert_element_type_p)
 def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     """Casts to a float dtype (or between bools and integers) round as XLA does; a cast
-    of floats to integers (NumPy leaves out-of-range values undefined) falls back."""
+    of floats to integers (NumPy leaves out-of-range values undefined) falls back.
+
+    A float narrowed to a smaller float is returned as it is: the interpreter rounds it
+    to the equation's dtype, and records the wider value where that rounding flushes or
+    overflows it (for scaled rules to read at its own scale)."""
     src, dst = _dtype(x), np.dtype(new_dtype)
     if not (is_float_dtype(dst) or src == np.bool_ or (
             np.issubdtype(src, np.integer) and np.issubdtype(dst, np.integer))):
         return NotImplemented
+    if is_float_dtype(src) and src.itemsize > dst.itemsize:
+        return np.asarray(x)
     return np.asarray(x).astype(dst)
 
 
