@@ -24,6 +24,7 @@ from scalify.core.formats import is_narrow, saturating_cast
 from scalify.core.pow2 import is_static
 from scalify.core.scale_math import scale_product, times_residual
 from scalify.core.static import as_jax, cast
+from scalify.core.trace_state import data_factor
 
 
 def guard_band(dtype: Any) -> Tuple[float, float, int]:
@@ -78,7 +79,7 @@ def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False, band:
     if not is_static(scale):
         m = cast(m, scale.dtype)
     s, r = scale_product(scale, m)
-    out = jax.lax.mul(data, cast(inv, cd))
+    out = jax.lax.mul(data, cast(data_factor(inv), cd))
     return ScaledArray(saturating_cast(times_residual(out, r), dtype), s)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from scalify.core.pow2 import int_dtype, is_static
 from scalify.core.static import cast, scale_dtype
-from scalify.core.trace_state import exact_reciprocal
+from scalify.core.trace_state import data_factor, exact_reciprocal
 
 
 def times_residual(data: Any, r: Optional[Any]) -> Any:
@@ -28,7 +28,7 @@ def times_residual(data: Any, r: Optional[Any]) -> Any:
     scalar; None means 1)."""
     if r is None:
         return data
-    return jax.lax.mul(data, cast(r, data.dtype))
+    return jax.lax.mul(data, cast(data_factor(r), data.dtype))
 
 
 def _scale_binary(np_fn: Any, lax_fn: Any) -> Any:

@@ -170,6 +170,22 @@ def computed_once(s: Any) -> Any:
     return out
 
 
+def data_factor(f: Any) -> Any:
+    """The traced scalar ``f`` that a rule multiplies its data by (a guard's measured
+    power of two, a clamped product's residual), marked `computed_once` when
+    `ScalifyConfig.scales_computed_once` is on.
+
+    Why: such a factor is computed from a max-abs or from scales by a chain of some 20
+    scalar operations, which XLA would copy into every kernel reading the data (and
+    into the kernel computing the scale, which shares the chain). Computed once, the
+    program holds one copy: the float16 GPT step of `tests/models/test_families.py`
+    compiles to about a quarter fewer instructions, and its run time on XLA:CPU is
+    unchanged (`benchmarks/overhead.py` measures both)."""
+    if is_static(f) or np.shape(f) != () or not get_config().scales_computed_once:
+        return f
+    return computed_once(f)
+
+
 def aligned_scale(s: Any) -> Any:
     """The scale operands are aligned to, from the candidate ``s`` (their largest scale).
 

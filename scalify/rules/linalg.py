@@ -37,6 +37,7 @@ from scalify.core.datatype import is_float_dtype
 from scalify.core.operands import as_jax, cast, fit_to_format, is_narrow, promote, saturating_cast, scale_dtype, scale_mul, times_residual
 from scalify.core.pow2 import exp2_int, exponent, pow2_round
 from scalify.core.deferred import Deferred
+from scalify.core.trace_state import data_factor
 from scalify.core.registry import register_scaled_op
 
 # Used by the solver/decomposition rules at the end of this module.
@@ -245,7 +246,7 @@ def _narrow_contraction(
         p: Any = np.float32(1 / f2)
         if guard:
             c = int(np.ceil(np.log2(max(k / f2, 1.0))))
-            e, inv_e = _headroom(_max_abs(ld), _max_abs(rd), c)
+            e, inv_e = (data_factor(x) for x in _headroom(_max_abs(ld), _max_abs(rd), c))
             p = jax.lax.mul(e, p)
         if not (is_static(p) and p == 1):
             wide = [j for j, x in enumerate((ld, rd)) if np.dtype(x.dtype).itemsize == 2]

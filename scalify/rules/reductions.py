@@ -33,6 +33,7 @@ from scalify.core.operands import (
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
 from scalify.core.rms import pow2_rms
+from scalify.core.trace_state import data_factor
 from scalify.rules.same_scale import keep_scale
 
 
@@ -91,13 +92,13 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
         # dimension sharded across devices is then reduced across them in 16 bits.
         total, c = _sum_by_dot(as_jax(x.data), tuple(axes), n, params.get("out_sharding"))
         m, inv_m = pow2_rms(total, normalise=False)  # float16 sums: squares fit float32
-        data = lax.mul(total, inv_m)
+        data = lax.mul(total, data_factor(inv_m))
         m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
     else:
         total = lax.reduce_sum_p.bind(cast(as_jax(x.data), cd), axes=tuple(axes), **params)
         if measured:
             m, inv_m = pow2_rms(total, normalise=wide and not _fits_mean_square(x, n, total.size))
-            data = lax.mul(total, inv_m)
+            data = lax.mul(total, data_factor(inv_m))
     if measured:
         if deferring(x.dtype):
             hi = int(np.ceil(np.log2(max(total.size, 1)) / 2)) + 1

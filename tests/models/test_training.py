@@ -1,5 +1,6 @@
 """Training proof: a small causal transformer trained 100 steps in float16 under scalify
-ends within 2% of the float32 loss; plain float16 (no scaling) runs beside it."""
+ends within 2% of the float32 loss. (Plain float16 beside it is the main job's to show:
+`benchmarks/train_gpt.py` trains it and reports where it goes non-finite.)"""
 import os
 import sys
 
@@ -32,11 +33,8 @@ def _train(mode: str):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    cast = lambda t: jax.tree.map(lambda x: x.astype(jnp.float16) if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
     if mode == "float32":
         fn = jax.jit(step)
-    elif mode == "float16":
-        params, state, fn = cast(params), cast(state), jax.jit(step)
     else:
         params = sfy.as_scaled_array(params, dtype=jnp.float16)
         fn = jax.jit(sfy.scalify(step))
@@ -51,10 +49,8 @@ def _train(mode: str):
 def test_scalify_float16_matches_float32_training():
     f32 = _train("float32")
     s16 = _train("scalify-float16")
-    p16 = _train("float16")
     final = lambda l: float(np.mean(l[-10:]))
-    print(f"final loss: float32 {final(f32):.4f}  scalify-float16 {final(s16):.4f}  "
-          f"plain float16 {final(p16) if np.all(np.isfinite(p16)) else 'non-finite'}")
+    print(f"final loss: float32 {final(f32):.4f}  scalify-float16 {final(s16):.4f}")
     assert final(f32) < 0.8 * f32[0]  # it learned something
     assert np.all(np.isfinite(s16))
     assert abs(final(s16) - final(f32)) / final(f32) < 0.02
