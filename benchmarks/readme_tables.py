@@ -173,8 +173,14 @@ def render_overhead(d: Dict[str, Any], results_dir: str) -> str:
         "slower than plain JAX). scalify has XLA compute each rule's output scale once, in a "
         "small kernel of its own (`ScalifyConfig(scales_computed_once=True)`, the default): "
         "that NNX step now compiles 4x faster, at a few microseconds per scale per step at "
-        "run time. What remains is those scalar kernels, one kernel per per-step scale that "
-        "a `lax.scan` stacks, and XLA's passes over the larger program.",
+        "run time. The same holds for the factors a rule multiplies its data by (a range "
+        "guard's measured power of two, a clamped product's residual, a contraction's "
+        "headroom): computed once, the float16 GPT-2 step of `tests/models/test_families.py` "
+        "holds 29k scalar instructions instead of 43k and compiles in 8.8 s instead of "
+        "12.3 s (XLA:CPU without LLVM optimisation, as the tests compile), with run time "
+        "unchanged. What remains is those scalar kernels (the range guards alone are about "
+        "half of the compile time: their max-abs reductions and factors), one kernel per "
+        "per-step scale that a `lax.scan` stacks, and XLA's passes over the larger program.",
     ]
     if parts:
         out += [
