@@ -134,9 +134,14 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
 
 def _lost_in_cast(exact: np.ndarray, cast: np.ndarray) -> bool:
     """True when casting the finite float ``exact`` to ``cast``'s narrower float dtype
-    flushed a non-zero element below the normal range (to 0 or a subnormal) or overflowed
-    one to infinity: the value a float32 program would compute is then recorded beside
-    the fold (`register_exact`), for scaled rules to read at its own scale."""
+    flushed a non-zero element below the normal range (to 0 or a subnormal): the value a
+    float32 program would compute is then recorded beside the fold (`register_exact`),
+    for scaled rules to read at its own scale.
+
+    Overflow to infinity is left as JAX computes it: a constant that overflows is a
+    mask fill (``-1e9`` cast to float16 is ``-inf``), which a selection must keep as an
+    infinity (read at its own scale, it would set the scale of the selection and flush
+    the values it is not selected against)."""
     if not (is_float_dtype(exact.dtype) and is_float_dtype(cast.dtype)
             and exact.dtype.itemsize > cast.dtype.itemsize):
         return False
@@ -144,7 +149,7 @@ def _lost_in_cast(exact: np.ndarray, cast: np.ndarray) -> bool:
         if not np.all(np.isfinite(exact)):
             return False
         c = np.abs(cast.astype(exact.dtype))
-        lost = (exact != 0) & ((c < np.finfo(cast.dtype).tiny) | ~np.isfinite(c))
+        lost = (exact != 0) & (c < np.finfo(cast.dtype).tiny)
     return bool(np.any(lost))
 
 

@@ -90,21 +90,29 @@ def test_large_iota_is_not_embedded():
     np.testing.assert_array_equal(small, np.arange(8))
 
 
-@pytest.mark.parametrize("c, s", [(1e-12, 2.0**30), (1e9, 2.0**-30)])
-def test_constant_its_narrow_dtype_cannot_hold_is_read_at_its_scale(c, s):
+def test_constant_its_narrow_dtype_flushes_is_read_at_its_scale():
     """A float32 constant cast to float16 (``tol**2 * |b|**2`` in
-    ``jax.scipy.sparse.linalg.cg``) flushes to 0 or overflows to inf there; a scaled
-    operation reading it gets the float32 value at its own scale, while a plain float16
-    computation still computes what JAX computes."""
+    ``jax.scipy.sparse.linalg.cg``) flushes to 0 there; a scaled operation reading it
+    gets the float32 value at its own scale, while a plain float16 computation still
+    computes what JAX computes. A constant that overflows stays infinite (a mask fill:
+    a selection against it must not take its scale)."""
     import scalify as sfy
 
-    def fn(x):
+    def fn(x, c):
         return x * jnp.square(jnp.float32(np.sqrt(c))).astype(x.dtype)
 
     xv = np.array([1.0, -0.75, 0.5], np.float32)
-    x = sfy.ScaledArray(jnp.asarray(xv, F16), jnp.float32(s))
-    got = np.asarray(sfy.asarray(jax.jit(sfy.scalify(fn))(x), dtype=jnp.float32), np.float64)
-    want = xv.astype(np.float64) * s * np.float32(np.sqrt(c)) ** 2
+    x = sfy.ScaledArray(jnp.asarray(xv, F16), jnp.float32(2.0**30))
+    got = np.asarray(sfy.asarray(jax.jit(sfy.scalify(lambda x: fn(x, 1e-12)))(x), dtype=jnp.float32))
+    want = xv.astype(np.float64) * 2.0**30 * np.float32(1e-6) ** 2
     np.testing.assert_allclose(got, want, rtol=2e-3)
-    plain = sfy.scalify(fn)(jnp.asarray(xv, F16))
-    np.testing.assert_array_equal(np.asarray(plain), np.asarray(fn(jnp.asarray(xv, F16))))
+    plain = sfy.scalify(lambda x: fn(x, 1e-12))(jnp.asarray(xv, F16))
+    np.testing.assert_array_equal(np.asarray(plain), np.zeros(3, F16))  # as JAX
+
+    def masked(x):
+        fill = jnp.negative(jnp.float32(1e9)).astype(x.dtype)  # -inf in float16
+        return jnp.where(jnp.arange(3) < 2, x, fill)
+
+    x = sfy.ScaledArray(jnp.asarray(xv, F16), jnp.float32(1.0))
+    got = np.asarray(sfy.asarray(jax.jit(sfy.scalify(masked))(x), dtype=jnp.float32))
+    np.testing.assert_array_equal(got, [1.0, -0.75, -np.inf])
