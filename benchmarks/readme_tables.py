@@ -314,7 +314,7 @@ def render_train_gpt_models(results_dir: str) -> Optional[str]:
 
 def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
     header = ["mesh", "config", "weight all-gathers", "gradient reductions", "tensor-parallel reductions",
-              "scalar all-reduces (before / after combiner)"]
+              "all collectives", "scalar all-reduces (before / after combiner)"]
     rows = []
     for mesh, configs in d["runs"].items():
         ref = configs.get("bfloat16", {}).get("bytes_by_category")
@@ -330,8 +330,11 @@ def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
                 return f"{fmt_bytes(n)}{ratio} {dt}"
 
             sc = r["scalar_all_reduces"]
+            total = sum(r["bytes_by_kind"].values())
+            ref_total = sum(configs["bfloat16"]["bytes_by_kind"].values()) if "bfloat16" in configs else 0
             rows.append([mesh, config, cell("weight_all_gather"), cell("gradient_reduction"),
                          cell("tensor_parallel_reduction"),
+                         fmt_bytes(total) + (f" ({total / ref_total:.2f}x)" if ref_total else ""),
                          f"{sc['before_combiner']['runs']} / {sc['after_combiner']['runs']}"])
     return "\n".join([
         "### Communication per training step (`benchmarks/comm_bytes.py`)",
@@ -342,9 +345,12 @@ def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
         f"and step ({d['bytes']}); ratios to bfloat16 on the same mesh; dtypes by share of bytes. "
         "Weight all-gathers: FSDP gathers over `data`; gradient reductions: all-reduces and "
         "reduce-scatters of gradients over `data`; tensor-parallel reductions: over `model`; scalar "
-        "all-reduces: one-element reductions (measured scales, the loss), counted per run of the step.",
+        "all-reduces: one-element reductions (measured scales, the loss), counted per run of the step. "
+        "All collectives: every kind together, activations moved between devices included (a "
+        "float32 activation gradient resharded at a reshape crossed the `model` axis until "
+        "`reshape` rounded its operand first where devices share the program).",
         "",
-        _table(header, rows, "llrrrr"),
+        _table(header, rows, "llrrrrr"),
     ])
 
 

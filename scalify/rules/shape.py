@@ -25,6 +25,7 @@ from typing import Any, List
 import jax
 from jax import lax
 
+from scalify.core.config import narrow_contractions
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import Wide, as_jax, common_scale, in_scale, out_dtype
 from scalify.core.pow2 import is_static
@@ -37,7 +38,15 @@ from scalify.rules.same_scale import keep_scale
 @register_scaled_op(lax.reshape_p, takes_deferred=(Wide,))
 def reshape(x: Any, *rest: Any, **params: Any) -> Any:
     """Reshape the data, keep the scale: the elements, hence their magnitude, are
-    unchanged (a `Wide` operand stays Wide)."""
+    unchanged (a `Wide` operand stays Wide).
+
+    Where devices share the program (`narrow_contractions`) a Wide operand is rounded
+    first: a reshape that splits or merges a sharded dimension is where XLA's SPMD
+    partitioner moves data between devices, and it would move the float32 data (in the
+    main job on a 4x2 mesh, the attention's query/key/value gradient crossed the model
+    axis in float32, 2x bfloat16's bytes). Rounded, it crosses in the data format."""
+    if isinstance(x, Wide) and narrow_contractions():
+        x = x.materialise()
     return keep_scale(lax.reshape_p, x, *rest, **params)
 
 

@@ -251,3 +251,26 @@ def test_device_put_named_sharding_replicates_scale():
     assert out.data.sharding.is_equivalent_to(sh, 2)
     assert out.scale.sharding.is_fully_replicated and len(out.scale.devices()) == n
     np.testing.assert_array_equal(np.asarray(out.data), np.asarray(x.data))
+
+
+def test_reshape_rounds_an_unrounded_chain_where_devices_share_the_program():
+    """An elementwise chain's float32 result (`Wide`) is reshaped unrounded on one device,
+    and rounded to its float16 data first where devices share the program: a reshape is
+    where XLA's partitioner moves data between devices, and it must move 16 bits."""
+    x = sfy.ScaledArray(jnp.ones((4, 6), jnp.float16), jnp.float32(2.0))
+    y = sfy.ScaledArray(jnp.full((4, 6), 0.5, jnp.float16), jnp.float32(4.0))
+
+    def fn(x, y):
+        return (x * y + x).reshape(24)
+
+    def reshaped_dtype(narrow):
+        with sfy.ScalifyConfig(narrow_contractions=narrow):
+            jaxpr = jax.make_jaxpr(sfy.scalify(fn))(x, y).jaxpr
+        (eqn,) = [e for e in jaxpr.eqns if e.primitive is jax.lax.reshape_p]
+        return eqn.invars[0].aval.dtype
+
+    assert reshaped_dtype(False) == jnp.float32
+    assert reshaped_dtype(True) == jnp.float16
+    with sfy.ScalifyConfig(narrow_contractions=True):
+        out = sfy.scalify(fn)(x, y)
+    np.testing.assert_array_equal(np.asarray(sfy.asarray(out, dtype=jnp.float32)), np.full(24, 6.0))
