@@ -318,6 +318,7 @@ def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
     rows = []
     for mesh, configs in d["runs"].items():
         ref = configs.get("bfloat16", {}).get("bytes_by_category")
+        ref_total = sum(configs["bfloat16"]["bytes_by_kind"].values()) if "bfloat16" in configs else 0
         for config, r in configs.items():
             cat = r["bytes_by_category"]
 
@@ -331,7 +332,6 @@ def render_comm_bytes(d: Dict[str, Any], results_dir: str) -> str:
 
             sc = r["scalar_all_reduces"]
             total = sum(r["bytes_by_kind"].values())
-            ref_total = sum(configs["bfloat16"]["bytes_by_kind"].values()) if "bfloat16" in configs else 0
             rows.append([mesh, config, cell("weight_all_gather"), cell("gradient_reduction"),
                          cell("tensor_parallel_reduction"),
                          fmt_bytes(total) + (f" ({total / ref_total:.2f}x)" if ref_total else ""),

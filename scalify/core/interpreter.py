@@ -112,23 +112,22 @@ def _fold_in_numpy(eqn: Any, invals: Sequence[Any]) -> Any:
     impl = get_static_impl(eqn.primitive)
     if impl is None:
         return None
-    with np.errstate(all="ignore"):  # inf/NaN results are values, as in XLA
+    with np.errstate(all="ignore"):  # inf/NaN results (and casts to inf) are values, as in XLA
         outs = impl(*invals, **eqn.params)
-    if outs is NotImplemented:
-        return None
-    outs = list(outs) if eqn.primitive.multiple_results else [outs]
-    result = []
-    for o, v in zip(outs, eqn.outvars):
-        if not is_static(o):
+        if outs is NotImplemented:
             return None
-        o = np.asarray(o)
-        if o.shape != tuple(v.aval.shape):
-            return None
-        with np.errstate(all="ignore"):  # overflow to inf is XLA's value too
+        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        result = []
+        for o, v in zip(outs, eqn.outvars):
+            if not is_static(o):
+                return None
+            o = np.asarray(o)
+            if o.shape != tuple(v.aval.shape):
+                return None
             folded = _to_static(o.astype(v.aval.dtype, copy=False))
-        if _lost_in_cast(o, folded):
-            register_exact(folded, o)
-        result.append(folded)
+            if _lost_in_cast(o, folded):
+                register_exact(folded, o)
+            result.append(folded)
     return result
 
 
@@ -143,14 +142,10 @@ def _lost_in_cast(exact: np.ndarray, cast: np.ndarray) -> bool:
     infinity (read at its own scale, it would set the scale of the selection and flush
     the values it is not selected against)."""
     if not (is_float_dtype(exact.dtype) and is_float_dtype(cast.dtype)
-            and exact.dtype.itemsize > cast.dtype.itemsize):
+            and exact.dtype.itemsize > cast.dtype.itemsize) or not np.all(np.isfinite(exact)):
         return False
-    with np.errstate(all="ignore"):
-        if not np.all(np.isfinite(exact)):
-            return False
-        c = np.abs(cast.astype(exact.dtype))
-        lost = (exact != 0) & (c < np.finfo(cast.dtype).tiny)
-    return bool(np.any(lost))
+    c = np.abs(cast.astype(exact.dtype))
+    return bool(np.any((exact != 0) & (c < np.finfo(cast.dtype).tiny)))
 
 
 def _exact_operand(x: Any) -> Any:

@@ -47,16 +47,35 @@ from scalify.core.pow2 import is_static, pow2_floor_and_reciprocal, pow2_recipro
 _local = threading.local()
 
 
+# The facts recorded per trace, one table each: ``id(key) -> (key, fact)``.
+_TABLES = ("pow2", "selections", "exacts")
+
+
 def _state() -> threading.local:
-    if not hasattr(_local, "scales"):
-        _local.scales, _local.selections, _local.exacts, _local.depth = {}, {}, {}, 0
+    if not hasattr(_local, "tables"):
+        _local.tables, _local.depth = {t: {} for t in _TABLES}, 0
     return _local
+
+
+def _record(table: str, key: Any, fact: Any) -> None:
+    """Record ``fact`` about ``key`` in ``table`` for the rest of the enclosing
+    `pow2_scope` (outside one, a no-op). The table holds ``key`` itself, so that its id
+    cannot be reused while the fact is recorded."""
+    state = _state()
+    if state.depth:
+        state.tables[table][id(key)] = (key, fact)
+
+
+def _recorded(table: str, key: Any) -> Optional[Any]:
+    """The fact recorded about ``key`` in ``table``, else None."""
+    entry = _state().tables[table].get(id(key))
+    return entry[1] if entry is not None and entry[0] is key else None
 
 
 def registered_pow2() -> dict:
     """A copy of this thread's registrations, ``id(s) -> (s, 1 / s)`` (empty outside
     any `pow2_scope`): for tests and debugging."""
-    return dict(_state().scales)
+    return dict(_state().tables["pow2"])
 
 
 def mark_pow2(s: Any) -> Any:
@@ -74,9 +93,7 @@ def mark_pow2(s: Any) -> Any:
 def register_pow2(s: Any, inv: Any) -> None:
     """Record the traced power of two ``s`` with its reciprocal ``inv`` for the rest of
     the enclosing `pow2_scope` (outside one, a no-op)."""
-    state = _state()
-    if state.depth:
-        state.scales[id(s)] = (s, inv)
+    _record("pow2", s, inv)
 
 
 def exact_reciprocal(s: Any) -> Optional[Any]:
@@ -87,8 +104,7 @@ def exact_reciprocal(s: Any) -> Optional[Any]:
         v = np.asarray(s)
         normal = np.all(v >= np.finfo(v.dtype).tiny) if v.dtype.kind == "f" else False
         return pow2_reciprocal(v) if normal and np.all(pow2_round_down(v) == v) else None
-    entry = _state().scales.get(id(s))
-    return entry[1] if entry is not None and entry[0] is s else None
+    return _recorded("pow2", s)
 
 
 def known_pow2(s: Any) -> bool:
@@ -102,49 +118,39 @@ def pow2_scope() -> Iterator[None]:
     registry never outlives (or keeps alive) a trace's tracers. Nested scopes restore
     the outer scope's registrations."""
     state = _state()
-    outer, outer_selections = dict(state.scales), dict(state.selections)
-    outer_exacts = dict(state.exacts)
+    outer = {t: dict(table) for t, table in state.tables.items()}
     state.depth += 1
     try:
         yield
     finally:
         state.depth -= 1
-        state.scales.clear()
-        state.scales.update(outer)
-        state.selections.clear()
-        state.selections.update(outer_selections)
-        state.exacts.clear()
-        state.exacts.update(outer_exacts)
+        for t, table in state.tables.items():
+            table.clear()
+            table.update(outer[t])
 
 
 def register_selection(data: Any, kind: str, operands: Any) -> None:
     """Record that the traced ``data`` is the data of ``kind`` (``"max"`` or ``"min"``)
     of the two ScaledArray ``operands``, for the rest of the enclosing `pow2_scope`
     (outside one, a no-op)."""
-    state = _state()
-    if state.depth:
-        state.selections[id(data)] = (data, kind, tuple(operands))
+    _record("selections", data, (kind, tuple(operands)))
 
 
 def selection_of(data: Any) -> Optional[tuple]:
     """``(kind, operands)`` recorded for ``data`` by `register_selection`, else None."""
-    entry = _state().selections.get(id(data))
-    return entry[1:] if entry is not None and entry[0] is data else None
+    return _recorded("selections", data)
 
 
 def register_exact(value: Any, exact: Any) -> None:
     """Record that the static ``value`` is ``exact`` (a NumPy array in a wider dtype)
-    rounded to a dtype that flushed or overflowed some of its elements, for the rest of
-    the enclosing `pow2_scope` (outside one, a no-op)."""
-    state = _state()
-    if state.depth:
-        state.exacts[id(value)] = (value, exact)
+    rounded to a dtype that flushed some of its elements below its normal range, for
+    the rest of the enclosing `pow2_scope` (outside one, a no-op)."""
+    _record("exacts", value, exact)
 
 
 def exact_of(value: Any) -> Optional[Any]:
     """The wider value recorded for the static ``value`` by `register_exact`, else None."""
-    entry = _state().exacts.get(id(value))
-    return entry[1] if entry is not None and entry[0] is value else None
+    return _recorded("exacts", value)
 
 
 def computed_once(s: Any) -> Any:

@@ -509,7 +509,7 @@ def _equal_to_selection(x: Any, y: Any) -> Any:
     The operands themselves decide it exactly, with the same answer wherever ``z`` is
     exact (NaN included: both are false)."""
     for u, z in ((x, y), (y, x)):
-        sel = selection_of(getattr(z, "data", None)) if isinstance(z, ScaledArray) else None
+        sel = selection_of(z.data) if isinstance(z, ScaledArray) else None
         if sel is None:
             continue
         kind, (a, b) = sel

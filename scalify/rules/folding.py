@@ -83,8 +83,8 @@ def convert_element_type(x: Any, *, new_dtype: Any, **params: Any) -> Any:
     of floats to integers (NumPy leaves out-of-range values undefined) falls back.
 
     A float narrowed to a smaller float is returned as it is: the interpreter rounds it
-    to the equation's dtype, and records the wider value where that rounding flushes or
-    overflows it (for scaled rules to read at its own scale)."""
+    to the equation's dtype, and records the wider value where that rounding flushes it
+    (for scaled rules to read at its own scale)."""
     src, dst = _dtype(x), np.dtype(new_dtype)
     if not (is_float_dtype(dst) or src == np.bool_ or (
             np.issubdtype(src, np.integer) and np.issubdtype(dst, np.integer))):
