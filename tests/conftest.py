@@ -24,3 +24,23 @@ def pytest_collection_modifyitems(config, items):
     running alone at the end, which made the suite's wall time depend on where the
     scheduler happened to place them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _rng_per_test(request):
+    """Reseed a test module's ``RNG`` from the test's own id before each test, so that
+    what a test draws depends on that test alone, not on which tests ran before it in
+    the same worker (``pytest -n 2`` distributes them differently from run to run): a
+    failing draw then reproduces with ``pytest <its id>``. ``SCALIFY_TEST_SEED=<n>``
+    draws another set (to look for draws a test's tolerance does not cover)."""
+    module = request.module
+    if isinstance(getattr(module, "RNG", None), np.random.Generator):
+        salt = int(os.environ.get("SCALIFY_TEST_SEED", "0"))
+        module.RNG = np.random.default_rng([zlib.crc32(request.node.nodeid.encode()), salt])
+    yield

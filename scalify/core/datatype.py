@@ -184,14 +184,31 @@ def unit_scale(x: Any) -> jax.Array:
     whatever the `ScalifyConfig` mode). 0 when ``x`` is all zeros (the zero tensor
     carries no magnitude), 1 when it is empty, not finite, or its RMS is below the
     smallest normal float32 number. A float32 scalar, no gradient."""
-    x = jnp.asarray(x)
+    return _unit_scale_and_inverse(jnp.asarray(x))[0]
+
+
+def _unit_scale_and_inverse(x: jax.Array) -> Any:
+    """``(unit_scale(x), f)`` with ``x * f`` the data at that scale: ``f`` is the scale's
+    reciprocal, and 1 where the scale is 0 (all zeros: the data stay 0, never 0 / 0) or
+    1. Both float32 scalars."""
     if x.size == 0:
-        return jnp.float32(1)
-    m, _ = pow2_rms(x.astype(compute_dtype(x.dtype)), normalise=True, mode=Pow2RoundMode.DOWN)
-    m = m.astype(np.float32)
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    zero = np.float32(0)
-    return jnp.where(m >= tiny, m, jnp.where(m == zero, zero, np.float32(1)))
+        return jnp.float32(1), jnp.float32(1)
+    m, inv = pow2_rms(x.astype(compute_dtype(x.dtype)), normalise=True, mode=Pow2RoundMode.DOWN)
+    m, inv = m.astype(np.float32), inv.astype(np.float32)
+    ok = m >= np.float32(np.finfo(np.float32).tiny)
+    one, zero = np.float32(1), np.float32(0)
+    return jnp.where(ok, m, jnp.where(m == zero, zero, one)), jnp.where(ok, inv, one)
+
+
+def at_unit_scale(x: Any, dtype: Any = None) -> "ScaledArray":
+    """``x`` as a ScaledArray at its `unit_scale`, data cast to ``dtype`` (default
+    ``x``'s dtype) after scaling in float32, so values below the narrow format's range
+    survive. An all-zero ``x`` gives zero data at scale 0."""
+    x = jnp.asarray(x)
+    s, f = _unit_scale_and_inverse(x)
+    cd = compute_dtype(x.dtype)
+    data = (x.astype(cd) * f.astype(cd)).astype(x.dtype if dtype is None else dtype)
+    return ScaledArray(data, s)
 
 
 def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
@@ -223,11 +240,10 @@ def as_scaled_array(tree: Any, scale: Any = None, dtype: Any = None) -> Any:
         if isinstance(x, (float,)) or (hasattr(x, "dtype") and is_float_dtype(x.dtype)):
             x = jnp.asarray(x)
             out_dtype = x.dtype if dtype is None else np.dtype(dtype)
-            s = unit_scale(x) if scale is None else scale
-            # s == 0 only for an all-zero leaf: its data stays 0 (no 0 / 0).
-            divisor = s if scale is not None else jnp.where(s == 0, np.float32(1), s)
-            data = (x.astype(compute_dtype(x.dtype)) / divisor).astype(out_dtype)
-            return ScaledArray(data, s)
+            if scale is None:
+                return at_unit_scale(x, out_dtype)
+            data = (x.astype(compute_dtype(x.dtype)) / scale).astype(out_dtype)
+            return ScaledArray(data, scale)
         return x
 
     return jax.tree.map(convert, tree, is_leaf=is_scaled_leaf)

@@ -508,7 +508,7 @@ from jax.extend.core import Jaxpr  # noqa: E402
 from jax.extend.core import primitives as _P  # noqa: E402
 
 from scalify.core import walker  # noqa: E402
-from scalify.core.datatype import unit_scale  # noqa: E402
+from scalify.core.datatype import at_unit_scale  # noqa: E402
 
 # Call-like primitives whose body a widened computation inlines.
 _CALLS = {_P.jit_p: "jaxpr", _P.closed_call_p: "call_jaxpr", _P.call_p: "call_jaxpr",
@@ -558,9 +558,10 @@ def _as_value(x: Any) -> Any:
 
 def _fresh(value: Any, dtype: Any) -> ScaledArray:
     """``value`` (float32) as a ScaledArray of ``dtype`` data at a fresh scale: the power
-    of two below its root-mean-square (`unit_scale`)."""
-    s = unit_scale(value).astype(scale_dtype())
-    return ScaledArray((value / s.astype(value.dtype)).astype(dtype), s)
+    of two below its root-mean-square (`at_unit_scale`); an all-zero result is zero
+    data at scale 0."""
+    out = at_unit_scale(value, dtype)
+    return ScaledArray(out.data, out.scale.astype(scale_dtype()))
 
 
 @register_scaled_op(lax.reduce_p)

@@ -283,3 +283,26 @@ def test_select_and_scatter_generic(s):
     np.testing.assert_allclose(values(out), want, rtol=4e-3, atol=1e-6 * np.abs(want).max())
     assert np.any(want != 0) and np.all(np.isfinite(np.asarray(out.data, np.float32)))
     assert_pow2_scales(out)
+
+
+@pytest.mark.parametrize("s", [2.0**-60, 1.0, 2.0**60])
+def test_generic_computations_with_an_all_zero_result_give_the_zero_tensor(s):
+    """A fresh scale measured from an all-zero result is 0 (the zero tensor), and its
+    data stay 0, not 0 / 0: the scatter's maximum with 0 of negative sources, and a
+    custom reduction of zeros."""
+    operand = scaled(RNG.standard_normal((4, 6)), s)
+    source = scaled(-np.abs(RNG.standard_normal((2, 3))) - 0.1, s)
+
+    def pool(o, src):
+        return _select_and_scatter(o, src, jnp.zeros((), o.dtype), lax.le, lax.max, (2, 2), (2, 2))
+
+    def sum_of_squares(x):  # a computation no scale rule knows: runs on values in float32
+        return lax.reduce(x * 0, jnp.zeros((), x.dtype), lambda a, b: a * a + b * b, (1,))
+
+    for f, args in ((pool, (operand, source)), (sum_of_squares, (operand,))):
+        want = np.asarray(f(*sfy.asarray(args, dtype=jnp.float32)))
+        assert np.all(want == 0)
+        out = sfy.scalify(f)(*args)
+        assert isinstance(out, sfy.ScaledArray), f
+        np.testing.assert_array_equal(np.asarray(out.data, np.float32), 0)
+        assert float(out.scale) == 0
