@@ -167,6 +167,30 @@ def test_sharded_float16_contraction_reduces_in_float16_without_overflow(tmp_pat
     assert reductions and all(c.dtypes == ["f16"] for c in reductions), [(c.kind, c.shape) for c in reductions]
 
 
+RNG_TABLE = np.random.default_rng(5).standard_normal((8, 64))
+
+
+def test_broadcast_operand_is_gathered_in_its_data_dtype(tmp_path):
+    """A feature-sharded float16 table added to batch-sharded activations (a position
+    embedding under FSDP): the partitioner gathers the table at the add, and it moves
+    its float16 data there, not the float32 that the add computes in."""
+    mesh = _mesh()
+    table = sfy.as_scaled_array(jax.device_put(jnp.asarray(RNG_TABLE, jnp.float32),
+                                               NamedSharding(mesh, P(None, "data"))), dtype=jnp.float16)
+    x = sfy.as_scaled_array(jax.device_put(jnp.ones((16, 8, 64), jnp.float32), NamedSharding(mesh, P("data"))),
+                            dtype=jnp.float16)
+
+    def add_table(x, table):
+        return jax.lax.with_sharding_constraint(x + table, NamedSharding(mesh, P("data")))
+
+    out = jax.jit(sfy.scalify(add_table))(x, table)
+    np.testing.assert_allclose(np.asarray(sfy.asarray(out, dtype=jnp.float32)), np.broadcast_to(
+        1 + np.asarray(RNG_TABLE, np.float16).astype(np.float64), (16, 8, 64)), rtol=2e-3, atol=2e-3)
+    text = _post_partitioner(sfy.scalify(add_table), (x, table), tmp_path)
+    gathers = [c for c in comm_bytes.collectives(text, (8, 1)) if c.kind == "all-gather" and not c.scalar]
+    assert gathers and all(c.dtypes == ["f16"] for c in gathers), [(c.shape, c.dtypes) for c in gathers]
+
+
 HLO = """HloModule m, entry_computation_layout={()->f32[]}
 
 %add (a: f32[], b: f32[]) -> f32[] {

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scalify.core.config import Pow2RoundMode, get_config
+from scalify.core.config import Pow2RoundMode, get_config, narrow_contractions
 from scalify.core.datatype import ScaledArray, compute_dtype, is_float_dtype
 from scalify.core.formats import format_bounds, is_narrow, saturating_cast
 from scalify.core.pow2 import is_static, pow2_reciprocal, pow2_round, xnp
@@ -81,7 +81,7 @@ from scalify.core.wide import (
 __all__ = [
     # defined here: reading operands
     "scale_of", "scalar_scale", "promote", "in_scale", "ratio_of", "common_scale",
-    "hypot_scale", "out_dtype",
+    "hypot_scale", "out_dtype", "broadcast_narrow",
     # re-exported from the layers below
     "ScaledArray", "compute_dtype", "is_float_dtype",
     "as_jax", "cast", "is_scale_free", "one", "scale_dtype", "static_scale", "static_uniform_value",
@@ -293,3 +293,26 @@ def out_dtype(*xs: Any) -> np.dtype:
         if not is_static(x):
             return np.dtype(x.dtype)
     return np.asarray(xs[0]).dtype
+
+
+def broadcast_narrow(*xs: Any) -> Sequence[Any]:
+    """The operands of an elementwise op, those it broadcasts (size-1 dimensions against
+    the others' shape) broadcast on their narrow data first, where devices share the
+    program (`ScalifyConfig.narrow_contractions`); unchanged elsewhere.
+
+    Why: XLA's SPMD partitioner gathers an operand sharded along a dimension the op
+    broadcasts at the op itself, in the dtype the op reads it in, and a scaled rule reads
+    its operands in float32 (`in_scale`): the main job's position embedding, FSDP-sharded,
+    crossed devices in float32 at ``tok_emb[tokens] + pos_emb`` (twice a bfloat16
+    program's bytes). Broadcast first, the gather moves the 16-bit or float8 data."""
+    if not narrow_contractions():
+        return xs
+    shapes = [np.shape(x) for x in xs if not is_static(x)]
+    if len({len(sh) for sh in shapes}) != 1:
+        return xs
+    shape = tuple(max(d) for d in zip(*shapes))
+    return tuple(
+        ScaledArray(jax.lax.broadcast_in_dim(x.data, shape, tuple(range(len(shape)))), x.scale)
+        if isinstance(x, ScaledArray) and is_narrow(x.dtype) and tuple(x.shape) != shape else x
+        for x in xs
+    )

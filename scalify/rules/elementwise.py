@@ -61,6 +61,7 @@ from scalify.core.trace_state import register_selection, selection_of
 from scalify.core.operands import (
     Wide,
     as_jax,
+    broadcast_narrow,
     bounded_operands,
     cast,
     data_bounds,
@@ -204,6 +205,7 @@ def _sum(lax_fn: Callable[..., Any], x: Any, y: Any) -> Any:
     # (``relu(x) - 1.5`` read 0). A float8 sum is therefore range-guarded, which lifts
     # such data; float16's 40 binades make this too rare to pay a guard for.
     lift = np.dtype(dtype).itemsize == 1 and is_narrow(dtype) and get_config().range_guard
+    x, y = broadcast_narrow(x, y)
     if deferring(dtype):
         (x, y), bounds = bounded_operands((x, y), _sum_bounds)
         s = hypot_scale(scale_of(x), scale_of(y))
@@ -256,6 +258,7 @@ def _scaled_binary(x: Any, y: Any, dtype: Any, bounded: bool, op: Callable, scal
     (its non-power-of-two residual folded into the data); handed on unrounded (`Wide`,
     data bounds from ``bounds_fn``) when deferring, else rounded, and range-guarded
     unless ``bounded``."""
+    x, y = broadcast_narrow(x, y)
     if deferring(dtype):
         (x, y), bounds = bounded_operands((x, y), bounds_fn)
     else:
