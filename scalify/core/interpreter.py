@@ -381,8 +381,10 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
             # A value that an earlier reader materialised (a rule may do so, for its
             # own operand, where only its data bounds tell it to) is read materialised
             # by every later one too: all readers see the same value, so that
-            # ``v + v * t`` with ``t = -1`` cancels exactly, as in the plain program.
-            invals = [x if isinstance(x, kinds) and x.materialised is None else materialise(x)
+            # ``v + v * t`` with ``t = -1`` cancels exactly, as in the plain program. A
+            # kind that is not ``eager`` keeps its deferred readers on the deferred form
+            # (its rules see to the agreement: see `scalify.core.wide.Wide`'s spread).
+            invals = [x if isinstance(x, kinds) and (x.materialised is None or not x.eager) else materialise(x)
                       for x in invals]
         outs = eval_equation(eqn, invals)
         observers = _observers()

@@ -20,7 +20,9 @@ Selections are recorded the same way (`register_selection`, `selection_of`): the
 ``max``/``min`` of operands at distinct scales, with those operands. Such a result is
 rounded to one scale, which may flush the smaller operand's elements, so comparing an
 operand with it (as ``max``'s derivative does) would be wrong there; the comparison
-rules answer it from the operands instead.
+rules answer it from the operands instead. Where such a selection was handed on
+unrounded, its rounded data are recorded with the unrounded value (`register_unrounded`),
+which comparisons read, so that they agree with the elementwise rules reading it.
 
 Static values folded into a narrow dtype that cannot hold them are recorded too
 (`register_exact`, `exact_of`): ``tol**2`` computed in float32 and cast to float16 (as
@@ -48,7 +50,7 @@ _local = threading.local()
 
 
 # The facts recorded per trace, one table each: ``id(key) -> (key, fact)``.
-_TABLES = ("pow2", "selections", "exacts")
+_TABLES = ("pow2", "selections", "exacts", "unrounded")
 
 
 def _state() -> threading.local:
@@ -139,6 +141,19 @@ def register_selection(data: Any, kind: str, operands: Any) -> None:
 def selection_of(data: Any) -> Optional[tuple]:
     """``(kind, operands)`` recorded for ``data`` by `register_selection`, else None."""
     return _recorded("selections", data)
+
+
+def register_unrounded(data: Any, value: Any) -> None:
+    """Record that the traced ``data`` is the rounding of the deferred ``value`` (a
+    selection among operands of distinct scales, `scalify.core.wide.Wide`), whose
+    unrounded data the comparison rules read instead, for the rest of the enclosing
+    `pow2_scope` (outside one, a no-op)."""
+    _record("unrounded", data, value)
+
+
+def unrounded_of(data: Any) -> Optional[Any]:
+    """The deferred value recorded for ``data`` by `register_unrounded`, else None."""
+    return _recorded("unrounded", data)
 
 
 def register_exact(value: Any, exact: Any) -> None:

@@ -9,7 +9,7 @@ elementwise, an observer or the function's output reads the value.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from scalify.core.pow2 import is_static
 from scalify.core.range_guard import fit_to_format
 from scalify.core.deferred import Deferred
 from scalify.core.static import as_jax, is_scale_free, static_scale, static_uniform_value
-from scalify.core.trace_state import computed_once
+from scalify.core.trace_state import computed_once, register_selection, register_unrounded
 
 # Limits of a `Wide` value's static data bounds (log2 of magnitudes in units of its
 # scale): float32 holds 2**-126 to 2**128, and the margins cover what the bounds do not
@@ -62,10 +62,21 @@ class Wide(Deferred):
     eager = True  # materialised at once when some reader will need it anyway
 
     def __init__(self, data: Any, scale: Any, dtype: Any, guard: bool, hi: int, lo: int,
-                 band: Any = None):
+                 band: Any = None, spread: bool = False, selection: Optional[tuple] = None):
         self.data, self.scale, self.dtype = data, scale, np.dtype(dtype)
         self.guard, self.hi, self.lo = bool(guard), int(hi), int(lo)
         self.band = self.dtype if band is None else np.dtype(band)
+        # A selection among operands of distinct scales: rounded with the guard's
+        # ``spread`` (its max-abs at the top of the format, the range below it left to
+        # the smaller elements), and, for max/min, ``(kind, operands)`` registered for
+        # the rounded data (`register_selection`) so that max's derivative compares
+        # the operands, not the rounded result.
+        self.spread, self.selection = bool(spread), selection
+        # Not eager: where one reader needs it rounded (a matmul; a comparison in a
+        # derivative), the elementwise rules still read the float32 data (a derivative
+        # dividing by it must not see its small elements flushed), and comparisons read
+        # it too (`register_unrounded`), so that all of them see the same value.
+        self.eager = not self.spread
 
     @property
     def shape(self) -> tuple:
@@ -78,16 +89,22 @@ class Wide(Deferred):
     def _materialise(self) -> ScaledArray:
         if not self.guard:
             return ScaledArray(saturating_cast(self.data, self.dtype), self.scale)
-        out = fit_to_format(self.data, self.scale, self.dtype, band=self.band)
+        out = fit_to_format(self.data, self.scale, self.dtype, spread=self.spread, band=self.band)
         if out.scale is not self.scale and get_config().scales_computed_once:
             out = ScaledArray(out.data, computed_once(out.scale))  # as the interpreter does
+        if self.spread:
+            register_unrounded(out.data, self)
+        if self.selection is not None:
+            register_selection(out.data, *self.selection)
         return out
 
     def with_data(self, data: Any, scale: Any = None) -> "Wide":
-        """The same kind of value (dtype, guard, bounds) with other data: for exact
-        operations that keep the bounds (negation, data movement, selection)."""
+        """The same kind of value (dtype, guard, bounds, spread) with other data: for
+        exact operations that keep the bounds (negation, data movement, selection). The
+        selection a value records stays with its own data only."""
         scale = self.scale if scale is None else scale
-        return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band)
+        selection = self.selection if data is self.data else None
+        return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band, self.spread, selection)
 
     def map_layout(self, fn: Any) -> "Wide":
         """`Deferred.map_layout`: a same-scale operation commutes with the pending

@@ -57,7 +57,7 @@ from jax.extend.core import primitives as jax_primitives
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.formats import clip_to_format
-from scalify.core.trace_state import register_selection, selection_of
+from scalify.core.trace_state import register_selection, selection_of, unrounded_of
 from scalify.core.operands import (
     Wide,
     as_jax,
@@ -72,6 +72,7 @@ from scalify.core.operands import (
     _headroom,
     needs_guard,
     wide_result,
+    within_wide_bounds,
     common_scale,
     compute_dtype,
     fit_to_format,
@@ -370,6 +371,13 @@ def _aligned(xs: Any, dtype: Any = None) -> Tuple[Any, list]:
     return s, [as_jax(in_scale(x, s, dtype)) for x in xs]
 
 
+# How many binades below the largest scale a selection's lower data bound counts the
+# other operands' scales (`_select`): their ratio is traced, unknown at trace time. An
+# element further below may underflow in the float32 chain that follows, as it would
+# (35 binades below the largest element) once rounded to float16.
+SELECTION_SPAN = 40
+
+
 def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None) -> ScaledArray:
     """A selection among ``xs`` (max, min, clamp, select_n) at their largest scale.
 
@@ -384,16 +392,28 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
 
     Deferred rounding: with one traced scale and a `Wide` operand, the selection is
     made on the float32 data and handed on Wide (each output element an aligned input
-    element: the bounds are the operands'). Operands of distinct traced scales are
-    materialised first."""
+    element: the bounds are the operands'). With distinct traced scales the float32
+    selection is handed on Wide too, rounded with the spread guard where a rule that is
+    not elementwise reads it: the next elementwise rule (``rsqrt(min(x, eps))``, a
+    ``log`` of a clipped value) reads the small elements in float32, whatever the span
+    of binades between the operands, and the comparisons too (`_unrounded`), so that
+    a derivative's masks agree with its values. The ratio of traced scales is unknown at
+    trace time: its lower data bound counts them within ``2**SELECTION_SPAN`` of each
+    other, so a chain that would leave float32's range rounds it first."""
     scales = [scale_of(x) for x in xs if not is_static(x)]
     mixed = len({id(s) for s in scales if s is not None}) > 1
-    if not mixed and deferring(dtype) and any(isinstance(x, Wide) for x in xs):
+    bounds = [_selected_bounds(x, dtype) for x in xs]
+    hi, lo = max(b[0] for b in bounds), min(b[1] for b in bounds)
+    if mixed:
+        lo -= SELECTION_SPAN
+    wide = deferring(dtype) and (within_wide_bounds(hi, lo) if mixed else any(isinstance(x, Wide) for x in xs))
+    if wide:
         s, data = _aligned(xs, compute_dtype(dtype))
-        operands = data if pred is None else [as_jax(pred), *data]
-        bounds = [_selected_bounds(x, dtype) for x in xs]
-        hi, lo = max(b[0] for b in bounds), min(b[1] for b in bounds)
-        return wide_result(prim.bind(*operands, **params), s, dtype, needs_guard(*xs), (hi, lo))
+        out = prim.bind(*(data if pred is None else [as_jax(pred), *data]), **params)
+        if not mixed:
+            return wide_result(out, s, dtype, needs_guard(*xs), (hi, lo))
+        selection = (prim.name, list(xs)) if prim in (lax.max_p, lax.min_p) else None
+        return Wide(out, s, dtype, True, hi, lo, spread=True, selection=selection)
     xs = [materialised(x) for x in xs]
     s, data = _aligned(xs, compute_dtype(dtype) if mixed else dtype)
     operands = data if pred is None else [as_jax(pred), *data]
@@ -478,7 +498,7 @@ def _aligned_low(*xs: Any) -> list:
     _, hi, _, _ = scale_bounds(scales_dtype(s))
     out = []
     for x in xs:
-        if isinstance(x, ScaledArray):
+        if isinstance(x, (ScaledArray, Wide)):
             r = ratio_of(x.scale, s)
             r = None if _is_one(r) else xnp(r).minimum(r, hi)
             out.append(times_residual(_data(x), r))
@@ -517,9 +537,17 @@ def _equal_to_selection(x: Any, y: Any) -> Any:
             continue
         kind, (a, b) = sel
         for p, q in ((a, b), (b, a)):
-            if u is p or (isinstance(u, ScaledArray) and u.data is p.data and u.scale is p.scale):
+            if u is p or (isinstance(p, Wide) and p.materialised is u) or (
+                    isinstance(u, ScaledArray) and isinstance(p, ScaledArray)
+                    and u.data is p.data and u.scale is p.scale):
                 return (ge if kind == "max" else le)(p, q)
     return None
+
+
+def _unrounded(x: Any) -> Any:
+    """``x``, or the unrounded `Wide` value recorded for its data (`register_unrounded`)."""
+    w = unrounded_of(x.data) if isinstance(x, ScaledArray) else None
+    return x if w is None else w
 
 
 def _comparison(prim: Primitive) -> Callable[..., Any]:
@@ -528,7 +556,7 @@ def _comparison(prim: Primitive) -> Callable[..., Any]:
             selected = _equal_to_selection(x, y)
             if selected is not None:
                 return selected
-        a, b = _aligned_low(x, y)
+        a, b = _aligned_low(_unrounded(x), _unrounded(y))
         return prim.bind(a, b, **params)
 
     return _registered(prim, rule, (
@@ -536,7 +564,9 @@ def _comparison(prim: Primitive) -> Callable[..., Any]:
         "float32 to the *smaller* of their scales: exact for power-of-two scales, no "
         "underflow of the small operand (1e-30 still compares greater than 0 held at "
         "scale 1e30), and an overflow of the large one gives +-inf, which orders "
-        "correctly. Unscaled values are never formed."
+        "correctly. Unscaled values are never formed. A selection among operands of "
+        "distinct scales that was handed on unrounded is compared on its float32 data, "
+        "as the elementwise rules read it."
         + (" ``eq(a, max(a, b))`` of operands at distinct scales (as ``max``'s and "
            "``min``'s derivatives compare them) is ``a >= b`` (``a <= b`` for ``min``): "
            "exact where the rounded result lost ``b``'s elements."
@@ -935,11 +965,11 @@ def _convert_wide(x: Wide, new: np.dtype) -> Any:
         return x
     if is_narrow(new):
         guard = x.guard or _narrowing(new, x.dtype)
-        return Wide(x.data, x.scale, new, guard, x.hi, x.lo)
+        return Wide(x.data, x.scale, new, guard, x.hi, x.lo, spread=x.spread)
     if not x.guard:
         return ScaledArray(cast(x.data, new), x.scale)
     if new == np.dtype(np.float32):
-        return Wide(x.data, x.scale, new, True, x.hi, x.lo, band=x.band)
+        return Wide(x.data, x.scale, new, True, x.hi, x.lo, band=x.band, spread=x.spread)
     return None
 
 

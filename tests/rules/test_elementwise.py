@@ -587,6 +587,31 @@ def test_max_min_derivative_finds_an_operand_far_below_the_other(op, jit):
         np.testing.assert_array_equal(np.asarray(sfy.asarray(g, jnp.float32)), e)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_elementwise_rule_reads_a_selection_of_distant_scales_in_float32(jit):
+    """``rsqrt(|min(x, eps)|)`` with ``x`` at 2**23 and ``eps`` at 2**-14: the minimum's
+    elements span 37 binades, more than float16 holds below its largest, so rounded to
+    one scale the ``eps`` elements would flush to 0 and their ``rsqrt`` be inf. The
+    selection is handed on in float32, and ``rsqrt`` reads it there: finite, and
+    float32's values within float16's rounding. The gradient is finite too (it was NaN:
+    ``rsqrt``'s derivative divides by the selection) and ``eps``'s is float32's; ``x``'s
+    passes through a cotangent whose elements span 50 binades (``v**-1.5`` of both
+    operands), which no single float16 scale holds, so only its finiteness is asked."""
+    x = sfy.as_scaled_array(jnp.asarray(Z * 2.0**23), dtype=jnp.float16)
+    eps = sfy.as_scaled_array(jnp.float32(1.5 * 2.0**-14), dtype=jnp.float16)
+    f = lambda x, e: lax.rsqrt(jnp.abs(jnp.minimum(x, e)))  # noqa: E731
+    out = run(f, x, eps, jit=jit)
+    want = oracle(f, x, eps)
+    assert np.any(want > 1) and np.any(want < 2.0**-10)  # both operands selected
+    assert np.all(np.isfinite(np.asarray(out.data, np.float32)))
+    np.testing.assert_allclose(f64(out), want, rtol=2e-3)
+    grad = jax.grad(lambda x, e: jnp.sum(f(x, e).astype(jnp.float32)), argnums=(0, 1))
+    got, want = run(grad, x, eps, jit=jit), oracle(grad, x, eps)
+    got = [np.asarray(sfy.asarray(g, jnp.float32), np.float64) for g in got]
+    assert all(np.all(np.isfinite(g)) for g in got)
+    np.testing.assert_allclose(got[1], want[1], rtol=4e-3)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_float8_sum_lifts_what_its_static_scale_would_flush(dtype, jit):
