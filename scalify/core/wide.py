@@ -59,7 +59,6 @@ class Wide(Deferred):
     come, so that a ``mean`` of a product (converted to float32 and summed, as
     ``jnp.mean`` of float16 does) needs no guard at all: the sum measures its scale."""
 
-    eager = True  # materialised at once when some reader will need it anyway
 
     def __init__(self, data: Any, scale: Any, dtype: Any, guard: bool, hi: int, lo: int,
                  band: Any = None, spread: bool = False, selection: Optional[tuple] = None):
@@ -72,11 +71,16 @@ class Wide(Deferred):
         # the rounded data (`register_selection`) so that max's derivative compares
         # the operands, not the rounded result.
         self.spread, self.selection = bool(spread), selection
-        # Not eager: where one reader needs it rounded (a matmul; a comparison in a
-        # derivative), the elementwise rules still read the float32 data (a derivative
-        # dividing by it must not see its small elements flushed), and comparisons read
-        # it too (`register_unrounded`), so that all of them see the same value.
-        self.eager = not self.spread
+
+    @property
+    def eager(self) -> bool:  # type: ignore[override]
+        """`Deferred.eager`: True (materialised at once when some reader will need it
+        anyway), except for a spread selection: where one reader needs it
+        rounded (a matmul; a comparison in a derivative), the elementwise rules still
+        read the float32 data (a derivative dividing by it must not see its small
+        elements flushed), and comparisons read it too (`register_unrounded`), so that
+        all of them see the same value."""
+        return not self.spread
 
     @property
     def shape(self) -> tuple:
