@@ -83,6 +83,24 @@ def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False, band:
     return ScaledArray(saturating_cast(times_residual(out, r), dtype), s)
 
 
+def recentre(data: Any, scale: Any) -> Tuple[Any, Any]:
+    """``(data, scale)`` of the same value with the power of two of the data's max-abs
+    moved into the scale (exact): the data's max-abs then lies in ``[1, 2)``; the data
+    stay in their dtype (float32 for a `Wide` value). All-zero data get scale 0, inf/NaN
+    data keep theirs. One max-abs reduction, no gradient.
+
+    Why: a value whose scale may lie far above all of its elements (a selection among
+    operands of distinct scales that took the smaller operand everywhere) would start a
+    float32 chain far from unit size, where products underflow."""
+    data = as_jax(data)
+    a = cast(jax.lax.stop_gradient(jax.lax.reduce_max(jax.lax.abs(data), tuple(range(data.ndim)))), np.float32)
+    m, inv = _guard_factor(a, np.float32(0), np.float32(0), 0)
+    if not is_static(scale):
+        m = cast(m, scale.dtype)
+    s, r = scale_product(scale, m)
+    return times_residual(jax.lax.mul(data, cast(data_factor(inv), data.dtype)), r), s
+
+
 @functools.partial(jax.jit, static_argnums=3)
 def _guard_factor(a: Any, lo: Any, hi: Any, t: int) -> Tuple[Any, Any]:
     """``(m, 1/m)``: the power of two the guard moves from data to scale for a max-abs

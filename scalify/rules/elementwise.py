@@ -57,6 +57,7 @@ from jax.extend.core import primitives as jax_primitives
 from scalify.core.config import Pow2RoundMode, get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype
 from scalify.core.formats import clip_to_format
+from scalify.core.range_guard import recentre
 from scalify.core.trace_state import register_selection, selection_of, unrounded_of
 from scalify.core.operands import (
     Wide,
@@ -397,9 +398,12 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
     not elementwise reads it: the next elementwise rule (``rsqrt(min(x, eps))``, a
     ``log`` of a clipped value) reads the small elements in float32, whatever the span
     of binades between the operands, and the comparisons too (`_unrounded`), so that
-    a derivative's masks agree with its values. The ratio of traced scales is unknown at
-    trace time: its lower data bound counts them within ``2**SELECTION_SPAN`` of each
-    other, so a chain that would leave float32's range rounds it first."""
+    a derivative's masks agree with its values. Its largest element is moved to unit
+    size first (`recentre`: a ``max(x, y)`` that took the far smaller ``x`` everywhere
+    must not leave ``x`` far below its scale, where ``x * x`` underflows float32). The
+    ratio of traced scales is unknown at trace time: its lower data bound counts the
+    smaller elements within ``2**SELECTION_SPAN`` of the largest, so a chain that would
+    leave float32's range rounds it first."""
     scales = [scale_of(x) for x in xs if not is_static(x)]
     mixed = len({id(s) for s in scales if s is not None}) > 1
     bounds = [_selected_bounds(x, dtype) for x in xs]
@@ -413,6 +417,7 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
         if not mixed:
             return wide_result(out, s, dtype, needs_guard(*xs), (hi, lo))
         selection = (prim.name, list(xs)) if prim in (lax.max_p, lax.min_p) else None
+        out, s = recentre(out, s)  # the largest scale may lie far above every element
         return Wide(out, s, dtype, True, hi, lo, spread=True, selection=selection)
     xs = [materialised(x) for x in xs]
     s, data = _aligned(xs, compute_dtype(dtype) if mixed else dtype)

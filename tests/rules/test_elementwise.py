@@ -612,6 +612,22 @@ def test_elementwise_rule_reads_a_selection_of_distant_scales_in_float32(jit):
     np.testing.assert_allclose(got[1], want[1], rtol=4e-3)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_selection_that_takes_only_the_smaller_operand_is_at_its_scale(jit):
+    """``max(x, y)`` with float8 ``x`` at 2**-40 and a scalar ``y = -2**33``: every
+    element comes from ``x``, 2**-73 below the larger scale; squared there in float32 it
+    would underflow to 0. The selection's largest element is moved to unit size first,
+    so ``x * x`` is float32's, within float8's rounding (relative, or its subnormal
+    spacing for the smallest squares)."""
+    x = sfy.as_scaled_array(jnp.asarray(np.abs(Z) * 2.0**-40), dtype=jnp.float8_e4m3fn)
+    y = sfy.as_scaled_array(jnp.float32(-(2.0**33)), dtype=jnp.float8_e4m3fn)
+    f = lambda x, y: jnp.square(jnp.maximum(x, y))  # noqa: E731
+    out = run(f, x, y, jit=jit)
+    want = oracle(f, x, y)
+    assert np.all(want > 0)
+    np.testing.assert_allclose(f64(out), want, rtol=0.15, atol=2.0**-9 * np.max(want))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_float8_sum_lifts_what_its_static_scale_would_flush(dtype, jit):

@@ -68,7 +68,8 @@ def check_values(out, want, dtype, extra_atol=0.0, name=""):
     inf = np.isinf(want)
     beyond = np.isinf(got[inf]) | (np.abs(got[inf]) > float(np.finfo(np.float32).max))
     assert np.all(beyond & (np.sign(got[inf]) == np.sign(want[inf]))), f"{name}: inf mismatch"
-    fits = fin & (np.abs(want) / scale <= float(jnp.finfo(dtype).max))
+    # The zero tensor (scale 0) must hold the oracle's value to atol everywhere.
+    fits = fin & ((scale == 0) | (np.abs(want) <= float(jnp.finfo(dtype).max) * scale))
     assert np.all(np.isfinite(got[fits])), f"{name}: overflow where the value fits the data format"
     atol = RESOLUTION[np.dtype(dtype)] * scale + np.finfo(np.float32).tiny + extra_atol
     np.testing.assert_allclose(got[fits], want[fits], rtol=rtol_of(dtype), atol=atol, err_msg=name)
@@ -100,14 +101,15 @@ def pow2_down(x):
 # Binary rules.
 # --------------------------------------------------------------------------------------
 
-# name -> (function, expected output scale from the input scales or None for plain bool)
+# name -> (function, expected output scale from the input scales, "selection" (see
+# check_selection) or None for plain bool)
 BINARY = {
     "add": (lax.add, lambda a, b: pow2_down(np.hypot(a, b))),
     "sub": (lax.sub, lambda a, b: pow2_down(np.hypot(a, b))),
     "mul": (lax.mul, lambda a, b: a * b),
     "div": (lax.div, lambda a, b: a / b),
-    "max": (lax.max, max),
-    "min": (lax.min, max),
+    "max": (lax.max, "selection"),
+    "min": (lax.min, "selection"),
     "rem": (lax.rem, min),
     "atan2": (lax.atan2, lambda a, b: 1.0),
     "eq": (lax.eq, None),
@@ -117,6 +119,20 @@ BINARY = {
     "gt": (lax.gt, None),
     "ge": (lax.ge, None),
 }
+
+
+def check_selection(out, want, dtype, sx, sy, name):
+    """A selection between operands at distinct traced scales (docs/design.md, "max,
+    min, clamp, select"): in a narrow format (float16) the float32 selection's largest
+    element is moved to unit size (data max-abs in [1, 2); the zero tensor at scale 0);
+    in a wide one it keeps the largest operand scale. Elements more than float32's range
+    below the largest operand scale flush when aligned to it (extra_atol)."""
+    if jnp.dtype(dtype) == jnp.float16:
+        top = float(np.max(np.abs(np.asarray(out.data, np.float32))))
+        assert (top == 0 and float(out.scale) == 0) or 1 <= top < 2, (name, top, float(out.scale))
+    else:
+        assert float(out.scale) == max(sx, sy), name
+    check_values(out, want, dtype, extra_atol=2.0**-126 * max(sx, sy), name=name)
 
 
 def _all_binary(x, y):
@@ -135,6 +151,9 @@ def test_binary_rules(dtype, shape, ex, ey, data):
         if expected_scale is None:  # comparisons: a plain boolean array, exact
             assert not isinstance(out, sfy.ScaledArray), name
             np.testing.assert_array_equal(np.asarray(out), np.asarray(want), err_msg=name)
+            continue
+        if expected_scale == "selection":
+            check_selection(out, want, dtype, 2.0**ex, 2.0**ey, name)
             continue
         assert float(out.scale) == expected_scale(2.0**ex, 2.0**ey), name
         check_values(out, want, dtype, name=name)
@@ -168,9 +187,8 @@ def test_select_n_and_clamp(dtype, shape, ex, ey, data):
     y = sfy.ScaledArray(data_of(data.draw, shape, dtype), jnp.float32(2.0**ey))
     outs = jitted(_select_and_clamp)(pred, x, y)
     wants = oracle(_select_and_clamp, pred, x, y)
-    for out, want in zip(outs, wants):
-        assert float(out.scale) == max(2.0**ex, 2.0**ey)
-        check_values(out, want, dtype)
+    for out, want, name in zip(outs, wants, ["select_n", "clamp"]):
+        check_selection(out, want, dtype, 2.0**ex, 2.0**ey, name)
 
 
 # --------------------------------------------------------------------------------------
