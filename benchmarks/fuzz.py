@@ -698,12 +698,12 @@ def _aligned_comparison(p: Any, a: Any, b: Any, dtype: np.dtype, kind: str, **pa
 
 
 def rounded_eval(closed: Any, args: Sequence[Any], dtype: np.dtype, rnd: Callable[..., Any] = round_ideal,
-                 observe: Optional[Callable[[str, Any], None]] = None) -> List[Any]:
+                 observe: Optional[Callable[[str, Any, Sequence[Any]], None]] = None) -> List[Any]:
     """Evaluate a float32 ``ClosedJaxpr`` with the output of every primitive rounded by
     ``rnd`` to ``dtype``: the program as a low-precision computation with ideal
     scales, rounding at the same points as scalify's rules. Control flow runs through
     `lax.scan` / `lax.switch` / `lax.while_loop` with rounded bodies; calls (jit,
-    custom_jvp/vjp, remat) are inlined. ``observe(name, value)`` sees every primitive's
+    custom_jvp/vjp, remat) are inlined. ``observe(name, value, operands)`` sees every primitive's
     output outside control-flow bodies."""
     from jax.extend import core as jcore
     P = jcore.primitives
@@ -748,16 +748,37 @@ def rounded_eval(closed: Any, args: Sequence[Any], dtype: np.dtype, rnd: Callabl
             outs = [rnd(o, dtype) for o in (outs if p.multiple_results else [outs])]
         if observe is not None:
             for o in outs:
-                observe(p.name, o)
+                observe(p.name, o, inv)
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+# Primitives whose float32 result is 0 only where an operand is 0 (or, for div, the
+# divisor infinite): a 0 elsewhere is an underflow of float32, not the value.
+_ZERO_ONLY_FROM_ZERO = {"mul": "all", "integer_pow": "all", "square": "all", "div": "first"}
+
+
+def _underflowed(name: str, o: Any, operands: Sequence[Any]) -> Any:
+    """True where a product-like primitive's float32 result flushed to 0 although its
+    operands make it non-zero (``x * x`` of ``x`` at 2**-77): float32 is no reference
+    for the value there (a ScaledArray holds it)."""
+    which = _ZERO_ONLY_FROM_ZERO.get(name)
+    if which is None:
+        return jnp.bool_(False)
+    ops = [jnp.asarray(v) for v in operands if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
+    ops = ops[:1] if which == "first" else ops
+    nonzero = functools.reduce(jnp.logical_and, [(v != 0) & jnp.isfinite(v) for v in ops], jnp.bool_(True))
+    if name == "div" and len(operands) > 1:
+        nonzero = nonzero & jnp.isfinite(jnp.asarray(operands[1]))
+    return jnp.any((o == 0) & nonzero)
 
 
 def reference_out_of_range(case: Case, x32: Sequence[Any]) -> Optional[str]:
     """The first primitive of the float32 reference (backward pass included, bodies of
     control flow excepted) whose output is out of range as `in_range` says (not
     finite, largest magnitude above ``2**100``, RMS non-zero and below ``2**-100``), or
+    flushed to 0 by float32 where its operands make it non-zero (`_underflowed`), or
     None. The op-level intermediates may be in range when a primitive inside an op was
     not: ``rsqrt(var(v))`` of ``var(v) = inf`` is 0. Run for failing cases only."""
     fn = program(case)
@@ -767,13 +788,14 @@ def reference_out_of_range(case: Case, x32: Sequence[Any]) -> Optional[str]:
         closed = jax.make_jaxpr(fn)(*args)
         out = []
 
-        def observe(name, o):
+        def observe(name, o, operands):
             if jnp.issubdtype(o.dtype, jnp.floating) and o.size:
                 a = jnp.abs(o.astype(jnp.float32))
                 amax = jnp.max(a)
                 norm = jnp.where((amax > 0) & jnp.isfinite(amax), amax, 1.0)
                 rms = norm * jnp.sqrt(jnp.mean(jnp.square(a / norm)))
-                out.append(jnp.stack([jnp.all(jnp.isfinite(o)).astype(jnp.float32), amax, rms]))
+                ok = jnp.all(jnp.isfinite(o)) & ~_underflowed(name, o, operands)
+                out.append(jnp.stack([ok.astype(jnp.float32), amax, rms]))
                 names.append(name)
         rounded_eval(closed, jax.tree.leaves(args), DTYPES[case.dtype], lambda o, d: o, observe)
         return out
