@@ -89,3 +89,21 @@ def count_eqns(jaxpr: Any, name: str) -> int:
         (eqn.primitive.name == name) + sum(count_eqns(sub, name) for sub in walker.sub_jaxprs(eqn.params))
         for eqn in jaxpr.eqns
     )
+
+
+def assert_gathered_scale(out: Any, dtype: Any, *scales: float) -> None:
+    """The scale of a rule that gathers the elements of operands read at distinct
+    scales ``scales`` (concatenate, stack, pad, scatter, dynamic_update_slice, docs/
+    design.md): in a narrow format (float16, float8) the max-abs of the data at the top
+    of the format's guard band (the zero tensor at scale 0); in a wide one the largest
+    operand scale."""
+    from scalify.core.formats import is_narrow
+    from scalify.core.range_guard import guard_band
+
+    if is_narrow(np.dtype(dtype)) and len(scales) > 1:
+        _, hi, _ = guard_band(np.dtype(dtype))
+        top = float(np.max(np.abs(np.asarray(out.data, np.float32))))
+        assert (top == 0 and float(out.scale) == 0) or hi / 2 <= top < hi, (top, float(out.scale))
+        assert_pow2_scales(out)
+    else:
+        assert float(out.scale) == max(scales), (float(out.scale), scales)

@@ -81,7 +81,8 @@ from scalify.core.wide import (
 __all__ = [
     # defined here: reading operands
     "scale_of", "scalar_scale", "promote", "in_scale", "ratio_of", "common_scale",
-    "hypot_scale", "out_dtype", "broadcast_narrow",
+    "hypot_scale", "out_dtype", "broadcast_narrow", "mixed_scales", "gather_aligned",
+    "gathered_result",
     # re-exported from the layers below
     "ScaledArray", "compute_dtype", "is_float_dtype",
     "as_jax", "cast", "is_scale_free", "one", "scale_dtype", "static_scale", "static_uniform_value",
@@ -237,6 +238,46 @@ def common_scale(*xs: Any) -> Any:
         lo = np.asarray(np.finfo(s.dtype).tiny, s.dtype)
         s = mark_pow2(jax.lax.max(s, lo))
     return s
+
+
+def mixed_scales(xs: Sequence[Any]) -> bool:
+    """True when the traced operands among ``xs`` are read at two or more distinct
+    scales: traced scales compared by identity (pieces of one ScaledArray share theirs),
+    static ones by value. Their ratio is then unknown at trace time."""
+    keys = set()
+    for x in xs:
+        if is_static(x):
+            continue
+        s = scale_of(x)
+        if s is not None:
+            keys.add(("value", float(s)) if is_static(s) else ("traced", id(s)))
+    return len(keys) > 1
+
+
+def gather_aligned(xs: Sequence[Any]) -> tuple:
+    """``(s, datas, mixed)`` for a rule that gathers the elements of several operands
+    into one result (concatenate, stack, pad, scatter, dynamic_update_slice): the
+    largest operand scale `common_scale` and every operand's data in it, and whether
+    the operands' scales are `mixed_scales`.
+
+    Operands at one scale keep their dtype (the result is bit-exact). Operands at
+    distinct traced scales of a narrow format are aligned in float32 and the result is
+    left for `gathered_result` to round: aligned in float16, an operand 2**30 below the
+    largest scale would flush to 0, and a ``log`` or ``rsqrt`` of it be infinite."""
+    dtype = out_dtype(*xs)
+    s = common_scale(*xs)
+    mixed = is_narrow(dtype) and mixed_scales(xs)
+    cd = compute_dtype(dtype) if mixed else dtype
+    return s, [in_scale(x, s, cd) for x in xs], mixed
+
+
+def gathered_result(out: Any, s: Any, dtype: Any, mixed: bool) -> ScaledArray:
+    """The result of a gathering rule from its data ``out`` at scale ``s`` (see
+    `gather_aligned`): as it is for operands at one scale; for mixed ones rounded with
+    its max-abs at the top of the format's guard band (`fit_to_format` with
+    ``spread``), which leaves the format's whole range below the largest element to
+    the elements of the smaller operands, as a selection among them does."""
+    return fit_to_format(out, s, dtype, spread=True) if mixed else ScaledArray(out, s)
 
 
 def _largest(scales: Sequence[Any]) -> Any:

@@ -70,6 +70,7 @@ from scalify.core.operands import (
     format_bounds,
     is_scale_free,
     materialised,
+    mixed_scales,
     _headroom,
     needs_guard,
     wide_result,
@@ -404,8 +405,7 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
     ratio of traced scales is unknown at trace time: its lower data bound counts the
     smaller elements within ``2**SELECTION_SPAN`` of the largest, so a chain that would
     leave float32's range rounds it first."""
-    scales = [scale_of(x) for x in xs if not is_static(x)]
-    mixed = len({id(s) for s in scales if s is not None}) > 1
+    mixed = mixed_scales(xs)
     bounds = [_selected_bounds(x, dtype) for x in xs]
     hi, lo = max(b[0] for b in bounds), min(b[1] for b in bounds)
     if mixed:

@@ -25,6 +25,8 @@ from scalify.core.operands import (
     as_jax,
     common_scale,
     compute_dtype,
+    gather_aligned,
+    gathered_result,
     in_scale,
     is_scale_free,
     one,
@@ -120,18 +122,23 @@ def gather(operand: Any, indices: Any, *, fill_value: Any = None, mode: Any = No
 # --- scatter ---------------------------------------------------------------------------
 
 
-def _scatter_aligned(prim: Any, operand: Any, indices: Any, updates: Any, params: dict) -> ScaledArray:
-    s = common_scale(operand, updates)
-    dtype = _dtype(operand)
-    out = prim.bind(in_scale(operand, s, dtype), as_jax(indices), in_scale(updates, s, dtype), **params)
-    return ScaledArray(out, s)
+def _scatter_aligned(prim: Any, operand: Any, indices: Any, updates: Any, params: dict, fn: Any = None) -> ScaledArray:
+    """Operand and updates aligned to the largest scale (`gather_aligned`); ``fn`` the
+    scatter's combiner (min, max), rebuilt in float32 when they are aligned there."""
+    s, (od, ud), mixed = gather_aligned((operand, updates))
+    if fn is not None and od.dtype != _dtype(operand):
+        jaxpr, consts = _binary_jaxpr(fn, od.dtype)
+        params = dict(params, update_jaxpr=jaxpr, update_consts=consts)
+    out = prim.bind(od, as_jax(indices), ud, **params)
+    return gathered_result(out, s, _dtype(operand), mixed)
 
 
 @register_scaled_op(lax.scatter_p)
 def scatter(operand: Any, indices: Any, updates: Any, **params: Any) -> ScaledArray:
     """``x.at[i].set(u)``: every output element is an operand or an update element, so
     both are aligned to the largest of their scales (as `select` does) and the scatter
-    runs on the aligned data in the data dtype (power-of-two rescaling: exact). A
+    runs on the aligned data in the data dtype (power-of-two rescaling: exact); at
+    distinct traced scales of a narrow format, as `concatenate` (`gather_aligned`). A
     scale-free operand (``zeros.at[i].set(u)``) adopts the updates' scale. A custom
     update function (``x.at[i].apply(f)``) is not supported on scaled operands."""
     if params.get("update_jaxpr") is not None:
@@ -146,13 +153,13 @@ def scatter(operand: Any, indices: Any, updates: Any, **params: Any) -> ScaledAr
 def scatter_min(operand: Any, indices: Any, updates: Any, **params: Any) -> ScaledArray:
     """``x.at[i].min(u)``: aligned to the largest scale as `scatter`; the minimum of
     aligned data is the minimum of the values (same positive scale), exact."""
-    return _scatter_aligned(lax.scatter_min_p, operand, indices, updates, params)
+    return _scatter_aligned(lax.scatter_min_p, operand, indices, updates, params, lax.min)
 
 
 @register_scaled_op(lax.scatter_max_p)
 def scatter_max(operand: Any, indices: Any, updates: Any, **params: Any) -> ScaledArray:
     """``x.at[i].max(u)``: aligned to the largest scale as `scatter`, exact."""
-    return _scatter_aligned(lax.scatter_max_p, operand, indices, updates, params)
+    return _scatter_aligned(lax.scatter_max_p, operand, indices, updates, params, lax.max)
 
 
 def _scatter_accumulate(prim: Any, fn: Any, operand: Any, indices: Any, updates: Any, params: dict) -> ScaledArray:
@@ -275,13 +282,11 @@ def dynamic_slice(operand: Any, *indices: Any, **params: Any) -> ScaledArray:
 def dynamic_update_slice(operand: Any, update: Any, *indices: Any, **params: Any) -> ScaledArray:
     """`lax.dynamic_update_slice`: the output holds operand and update elements, so both
     are aligned to the largest of their scales (exact power-of-two rescaling in the data
-    dtype). A scale-free operand (zeros) adopts the update's scale."""
-    s = common_scale(operand, update)
-    dtype = _dtype(operand)
-    out = lax.dynamic_update_slice_p.bind(
-        in_scale(operand, s, dtype), in_scale(update, s, dtype), *[as_jax(i) for i in indices], **params
-    )
-    return ScaledArray(out, s)
+    dtype). A scale-free operand (zeros) adopts the update's scale. At distinct traced
+    scales of a narrow format, as `concatenate` (`gather_aligned`)."""
+    s, (od, ud), mixed = gather_aligned((operand, update))
+    out = lax.dynamic_update_slice_p.bind(od, ud, *[as_jax(i) for i in indices], **params)
+    return gathered_result(out, s, _dtype(operand), mixed)
 
 
 # --- sorting ---------------------------------------------------------------------------

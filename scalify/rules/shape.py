@@ -4,9 +4,11 @@ Moving, copying, reshaping or repeating elements does not change their magnitude
 these rules apply the primitive to ``data`` with the equation's own parameters and keep
 the ``scale``: the result is bit-exact. Primitives that gather several arrays into one
 (``concatenate``, ``stack``, ``pad`` with a scaled padding value) first express every
-operand in one common scale, the largest, so that no operand overflows the data format
-(a much smaller operand may lose low bits or underflow instead: the larger values
-dominate the result's precision anyway).
+operand in one common scale, the largest, so that no operand overflows the data format.
+Operands at distinct traced scales are aligned in float32 and the result rounded with
+its largest element at the top of the format (`gather_aligned`): the smaller operands'
+elements keep the format's whole range below it instead of flushing, since a later
+``log`` or ``rsqrt`` of a flushed element would be infinite.
 
 ``transpose`` takes a `Deferred` operand of every kind and keeps its pending work
 pending where the kind carries a transpose (`Deferred.map_layout`): a float32
@@ -27,7 +29,7 @@ from jax import lax
 
 from scalify.core.config import narrow_contractions
 from scalify.core.datatype import ScaledArray
-from scalify.core.operands import Wide, as_jax, common_scale, in_scale, out_dtype
+from scalify.core.operands import Wide, as_jax, gather_aligned, gathered_result, in_scale, out_dtype
 from scalify.core.pow2 import is_static
 from scalify.core.registry import register_scaled_op
 from scalify.rules.same_scale import keep_scale
@@ -127,35 +129,26 @@ def unstack(x: ScaledArray, **params: Any) -> List[ScaledArray]:
 # --- several operands, one common scale ---------------------------------------------
 
 
-def _aligned(xs: Any) -> Any:
-    """The largest scale among ``xs`` and every operand's data expressed in it.
-
-    Scale-free static operands (0, +-inf, NaN) take no part in choosing the scale and
-    adopt it; plain traced operands count with scale 1; static constants with the power
-    of two of their magnitude. Ratios of power-of-two scales are powers of two, so the
-    rescaling is exact unless a value underflows the data format."""
-    dtype = out_dtype(*xs)
-    s = common_scale(*xs)
-    return s, [in_scale(x, s, dtype) for x in xs]
-
-
 @register_scaled_op(lax.concatenate_p)
 def concatenate(*xs: Any, **params: Any) -> ScaledArray:
     """Concatenate at the largest operand scale.
 
     All operands are re-expressed in the largest scale (plain and static operands mix
     in; a static ``0``/``-inf`` block adopts it) so that none overflows; operands
-    already at that scale are not touched. Equal scales make the result bit-exact."""
-    s, datas = _aligned(xs)
-    return ScaledArray(lax.concatenate_p.bind(*datas, **params), s)
+    already at that scale are not touched. Equal scales make the result bit-exact.
+    Distinct traced scales of a narrow format: aligned in float32 and rounded with the
+    result's max-abs at the top of the guard band (`gather_aligned`), so the smaller
+    operands keep the format's whole range below the largest element (one max-abs)."""
+    s, datas, mixed = gather_aligned(xs)
+    return gathered_result(lax.concatenate_p.bind(*datas, **params), s, out_dtype(*xs), mixed)
 
 
 @register_scaled_op(lax.stack_p)
 def stack(*xs: Any, **params: Any) -> ScaledArray:
     """Stack along a new axis (``jnp.stack``) at the largest operand scale, as
     `concatenate` does."""
-    s, datas = _aligned(xs)
-    return ScaledArray(lax.stack_p.bind(*datas, **params), s)
+    s, datas, mixed = gather_aligned(xs)
+    return gathered_result(lax.stack_p.bind(*datas, **params), s, out_dtype(*xs), mixed)
 
 
 @register_scaled_op(lax.pad_p)
@@ -171,11 +164,10 @@ def pad(x: Any, padding_value: Any, **params: Any) -> ScaledArray:
       aligned to the larger of the two scales, as in `concatenate`.
     """
     if isinstance(padding_value, ScaledArray):
-        s, (d, v) = _aligned((x, padding_value))
-    else:
-        dtype = x.dtype
-        s, d = x.scale, as_jax(x.data)
-        v = in_scale(padding_value, s, dtype)
+        s, (d, v), mixed = gather_aligned((x, padding_value))
+        return gathered_result(lax.pad_p.bind(d, v, **params), s, out_dtype(x, padding_value), mixed)
+    s, d = x.scale, as_jax(x.data)
+    v = in_scale(padding_value, s, x.dtype)
     return ScaledArray(lax.pad_p.bind(d, v, **params), s)
 
 

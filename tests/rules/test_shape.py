@@ -8,7 +8,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import scalify as sfy
-from tests.utils import both, assert_close, assert_finite, assert_pow2_scales, oracle, scaled
+from tests.utils import both, assert_close, assert_finite, assert_gathered_scale, assert_pow2_scales, oracle, scaled
 
 DTYPES = [np.float32, np.float16, jnp.bfloat16]
 RNG = np.random.default_rng(0)
@@ -75,22 +75,45 @@ def test_concatenate_aligns_to_the_largest_scale(dtype):
     c = scaled(X[:, 5:], 2.0**-1, dtype)
     for fn in both(f):
         out = fn(a, b, c)
-        assert float(out.scale) == 2.0**5 and out.dtype == np.dtype(dtype)
+        assert out.dtype == np.dtype(dtype)
+        assert_gathered_scale(out, dtype, 2.0**-3, 2.0**5, 2.0**-1)
         assert_close(out, oracle(f, a, b, c), dtype, atol=2.0**5 * 2.0**-14)
-        # the operand already at the largest scale is copied as it is
-        np.testing.assert_array_equal(np.asarray(out.data[:, 2:5], np.float32), np.asarray(b.data, np.float32))
+        # the operand at the largest scale keeps its values exactly (power-of-two moves)
+        got = np.asarray(out.data[:, 2:5], np.float64) * float(out.scale)
+        np.testing.assert_array_equal(got, np.asarray(b.data, np.float64) * 2.0**5)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_concatenate_keeps_a_far_smaller_operand_in_float16(jit):
+    """Operands 2**27 apart: aligned to the larger scale in float16 the smaller one's
+    elements (data in [0.5, 4)) would flush to 0 and their ``log`` be -inf. They are
+    aligned in float32 and the result rounded with its largest element at the top of
+    float16's band (2**11), which leaves the smaller elements at 2**-17 or above: held
+    to 7 bits or more, so ``log(|x|)`` is float32's to 2**-6."""
+    f = lambda a, b: jnp.log(jnp.abs(jnp.concatenate([a, b], axis=1)))  # noqa: E731
+    a, b = scaled(0.5 + np.abs(X[:, :3]), 2.0**-25), scaled(X[:, 3:], 2.0**2)
+    assert np.max(np.abs(X[:, 3:])) < 4
+    fn = jax.jit(sfy.scalify(f)) if jit else sfy.scalify(f)
+    got = np.asarray(sfy.asarray(fn(a, b), jnp.float32), np.float64)
+    want = np.asarray(oracle(f, a, b), np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=2.0**-6)
 
 
 def test_concatenate_same_scale_is_exact_and_range():
+    """One ScaledArray's pieces share its scale: the data are concatenated as they are.
+    Two operands whose traced scales are equal but not known to be (distinct arrays):
+    the values are still exact (power-of-two moves only), at 2**60."""
     s = 2.0**60
-
-    def f(a, b):
-        return jnp.concatenate([a, b], 0)
-
+    f = lambda a, b: jnp.concatenate([a, b], 0)  # noqa: E731
     a, b = scaled(X, s), scaled(-X, s)
-    out = jax.jit(sfy.scalify(f))(a, b)
+    out = jax.jit(sfy.scalify(lambda a: f(a[:2], a[2:])))(a)
     assert float(out.scale) == s
-    np.testing.assert_array_equal(np.asarray(out.data), np.concatenate([a.data, b.data], 0))
+    np.testing.assert_array_equal(np.asarray(out.data), np.asarray(a.data))
+    out = jax.jit(sfy.scalify(f))(a, b)
+    assert_gathered_scale(out, np.float16, s, s)
+    want = np.concatenate([a.data, b.data], 0).astype(np.float64) * s
+    np.testing.assert_array_equal(np.asarray(out.data, np.float64) * float(out.scale), want)
     assert_finite(out)
 
 
@@ -117,12 +140,13 @@ def test_concatenate_with_plain_operand():
     p = jnp.asarray(X[:, :1] * 3, np.float16)
     for fn in both(f):
         out = fn(x, p)
-        assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 1.0
+        assert isinstance(out, sfy.ScaledArray)
+        assert_gathered_scale(out, np.float16, 2.0**-3, 1.0)
         assert_close(out, oracle(f, x, p), np.float16, atol=2.0**-14)
     # and a larger operand scale wins over the plain operand's 1
     y = scaled(X, 2.0**6)
     out = jax.jit(sfy.scalify(f))(y, p)
-    assert float(out.scale) == 2.0**6
+    assert_gathered_scale(out, np.float16, 2.0**6, 1.0)
     assert_close(out, oracle(f, y, p), np.float16, atol=2.0**6 * 2.0**-14)
 
 
@@ -142,7 +166,8 @@ def test_stack_aligns_like_concatenate():
     a, b = scaled(X, 2.0**-50), scaled(X[::-1], 2.0**-48)
     for fn in both(f):
         out = fn(a, b)
-        assert float(out.scale) == 2.0**-48 and out.shape == (4, 2, 6, 2)
+        assert out.shape == (4, 2, 6, 2)
+        assert_gathered_scale(out, np.float16, 2.0**-50, 2.0**-48)
         assert_close(out, oracle(f, a, b), np.float16, atol=2.0**-48 * 2.0**-14)
 
 
@@ -192,13 +217,14 @@ def test_pad_with_scaled_value_aligns_to_larger_scale():
     v = scaled(1.5, 2.0**3)
     for fn in both(g):
         out = fn(x, v)
-        assert float(out.scale) == 2.0**3
+        assert_gathered_scale(out, np.float16, 2.0**-4, 2.0**3)
         assert_close(out, oracle(g, x, v), np.float16, atol=2.0**3 * 2.0**-14)
     # a plain operand padded with a scaled value: the larger scale is the plain one's 1
     p = jnp.asarray(X, np.float16)
     small = scaled(1.5, 2.0**-8)
     out = sfy.scalify(g)(p, small)
-    assert isinstance(out, sfy.ScaledArray) and float(out.scale) == 1.0
+    assert isinstance(out, sfy.ScaledArray)
+    assert_gathered_scale(out, np.float16, 1.0, 2.0**-8)
     assert_close(out, oracle(g, p, small), np.float16, atol=2.0**-14)
 
 
