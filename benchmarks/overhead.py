@@ -132,7 +132,11 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
                 # the same with every rule's result rounded (and guarded) at once
                 "undeferred": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(defer_rounding=False)),
                 # float16 contractions leaving their dot in float16, as on several devices
-                "narrow": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(narrow_contractions=True))}
+                "narrow": (sfy.scalify(step), scaled_args, lambda: sfy.ScalifyConfig(narrow_contractions=True)),
+                # scales not marked computed-once: XLA may copy their arithmetic into
+                # every kernel reading them (fewer, larger kernels)
+                "scales_inlined": (sfy.scalify(step), scaled_args,
+                                   lambda: sfy.ScalifyConfig(scales_computed_once=False))}
     if decompose:
         variants["static-scales"] = (with_static_scales(step), plain_args, null)
         variants["static-sums"] = (with_static_scales(step), plain_args, static_sums)
@@ -161,7 +165,9 @@ def measure(step: Callable, plain_args: tuple, scaled_args: tuple, repeats: int,
     out: Dict[str, Any] = {"median_s": med, "ratio": ratios,
                            "ratio_unguarded": {m: med["unguarded"][m] / med["jax"][m] for m in ("compile", "run")},
                            "ratio_undeferred": {m: med["undeferred"][m] / med["jax"][m] for m in ("trace", "compile", "run")},
-                           "ratio_narrow": {m: med["narrow"][m] / med["jax"][m] for m in ("compile", "run")}}
+                           "ratio_narrow": {m: med["narrow"][m] / med["jax"][m] for m in ("compile", "run")},
+                           "ratio_scales_inlined": {m: med["scales_inlined"][m] / med["jax"][m]
+                                                    for m in ("compile", "run")}}
     if decompose:
         out["decomposition"] = {
             name: {m: med[name][m] / med["jax"][m] for m in ("compile", "run")}
@@ -200,6 +206,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
             print(f"  {'no range guard':<14}{'':>10}{u['compile']:>9.2f}x{u['run']:>9.2f}x")
             u = r["ratio_undeferred"]
             print(f"  {'no deferral':<14}{u['trace']:>9.2f}x{u['compile']:>9.2f}x{u['run']:>9.2f}x")
+            u = r["ratio_scales_inlined"]
+            print(f"  {'scales inlined':<14}{'':>10}{u['compile']:>9.2f}x{u['run']:>9.2f}x")
             for part, p in r.get("decomposition", {}).items():
                 print(f"  {part:<14}{'':>10}{p['compile']:>9.2f}x{p['run']:>9.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -48,7 +48,9 @@ def test_measure_reports_the_decomposition():
     assert set(r["decomposition"]) == {"static-scales", "static-sums"}
     for part in r["decomposition"].values():
         assert all(math.isfinite(v) and v > 0 for v in part.values())
-    assert set(r["median_s"]) == {"jax", "scalify", "unguarded", "undeferred", "narrow", "static-scales", "static-sums"}
+    assert set(r["median_s"]) == {"jax", "scalify", "unguarded", "undeferred", "narrow", "scales_inlined",
+                                  "static-scales", "static-sums"}
+    assert set(r["ratio_scales_inlined"]) == {"compile", "run"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratio_unguarded"].values())
     assert set(r["ratio_undeferred"]) == {"trace", "compile", "run"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratio_undeferred"].values())
