@@ -13,7 +13,9 @@ The interpreter knows no primitive by name. For each equation it:
    constant scalars keep their values for the rules that meet them later. A primitive's
    registered NumPy evaluator (`register_static_impl`) computes the fold; others run
    eagerly through XLA;
-3. otherwise binds the primitive unchanged: plain arrays stay plain.
+3. otherwise binds the primitive unchanged: plain arrays stay plain, except floats
+   narrower than float32 made from booleans alone (indicators), which come out as
+   ScaledArrays at scale 1 (`_indicators`).
 
 A rule may return a `Deferred` value (`scalify.core.deferred`: a scan's output whose
 scale varies per step, a float32 contraction whose division is pending, an elementwise
@@ -42,7 +44,7 @@ from scalify.core.config import get_config
 from scalify.core.datatype import ScaledArray, is_float_dtype, is_scaled_leaf
 from scalify.core.deferred import Deferred, materialise
 from scalify.core.operands import (
-    as_jax, computed_once, in_scale, is_scale_free, pow2_scope, promote, static_scale,
+    as_jax, computed_once, in_scale, is_scale_free, one, pow2_scope, promote, static_scale,
     static_uniform_value,
 )
 from scalify.core.pow2 import is_static
@@ -297,7 +299,31 @@ def eval_equation(eqn: Any, invals: Sequence[Any]) -> List[Any]:
             # Some primitives cannot run outside their trace context (collectives such
             # as `pvary` of a literal need the enclosing shard_map): bind them as usual.
             pass
-    return bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
+    outs = bind(eqn, [as_jax(x) if isinstance(x, np.ndarray) else x for x in invals])
+    return _indicators(invals, outs)
+
+
+def _is_bool(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)  # PRNG keys' extended dtypes are not NumPy's
+    return isinstance(dtype, np.dtype) and dtype == np.bool_
+
+
+def _indicators(invals: Sequence[Any], outs: Sequence[Any]) -> Sequence[Any]:
+    """Floats narrower than float32 made from booleans alone (``mask.astype(x.dtype)``,
+    the location indicators of ``max``'s derivative) as ScaledArrays at scale 1.
+
+    Why: scalify traces the user's program at the data dtype, so an indicator that was
+    float32 in the program as written comes out float16 or float8, and a plain sum of
+    it runs in that format: 26 tied maxima count 16 in float8 E4M3 (its integers stop
+    at 16), and the derivative of ``max`` comes out 1.6 times too large. Its data are
+    0 and 1 exactly; held scaled, the reductions and divisions reading it are the
+    scaled rules, which compute in float32."""
+    if not invals or not all(_is_bool(x) for x in invals):
+        return outs
+    return [
+        ScaledArray(o, one()) if is_float_dtype(o.dtype) and np.dtype(o.dtype).itemsize < 4 else o
+        for o in outs
+    ]
 
 
 # This thread's callables ``observer(eqn, invals, outvals)``, run after every

@@ -113,6 +113,27 @@ def test_constant_into_integer_scatter_is_scaled_and_plain_float_math_stays_plai
     np.testing.assert_array_equal(plain, np.full(3, 1.5))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float16])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_max_of_tied_elements_shares_its_gradient_by_the_true_count(dtype, jit):
+    """``jax.grad`` of ``max`` over a zero-initialised tensor: every element ties, and
+    JAX's derivative divides the cotangent by the tie count, a sum of the boolean
+    indicators converted to the data dtype. Summed in float8 E4M3, 26 ones are 16 (its
+    integers stop at 16), so each share came out 1.6 times too large. Indicators made
+    from booleans are held at scale 1 and summed by the scaled rule (in float32)."""
+    n = 26 if dtype == jnp.float8_e4m3fn else 3000  # float16's integers stop at 2048
+    x = sfy.as_scaled_array(jnp.zeros(n), dtype=dtype)
+    w = sfy.as_scaled_array(jnp.float32(0.75), dtype=dtype)
+    f = jax.grad(lambda x, w: jnp.max(x) * w)
+    fn = jax.jit(sfy.scalify(f)) if jit else sfy.scalify(f)
+    got = np.asarray(sfy.asarray(fn(x, w), jnp.float32), np.float64)
+    np.testing.assert_allclose(got, np.full(n, 0.75 / n), rtol=2.0**-4)
+    # the indicator leaves the program as a ScaledArray of exact 0/1 data at scale 1
+    ind = sfy.scalify(lambda x: (x > 0).astype(x.dtype))(sfy.as_scaled_array(jnp.arange(-2.0, 3.0), dtype=dtype))
+    assert isinstance(ind, sfy.ScaledArray) and float(ind.scale) == 1.0
+    np.testing.assert_array_equal(np.asarray(ind.data, np.float32), [0, 0, 0, 1, 1])
+
+
 def _compiled_size(fn, *args):
     """Instructions in the optimised HLO XLA compiles for ``jax.jit(fn)``."""
     text = jax.jit(fn).lower(*args).compile().as_text()
