@@ -73,14 +73,21 @@ def fit_to_format(data: Any, scale: Any, dtype: Any, spread: bool = False, band:
     if spread:
         t = int(np.log2(hi)) - 1
         lo = hi = 0.0  # no band: always rescaled
+    out, s = _moved(data, scale, lo, hi, t)
+    return ScaledArray(saturating_cast(out, dtype), s)
+
+
+def _moved(data: Any, scale: Any, lo: float, hi: float, t: int) -> Tuple[Any, Any]:
+    """``(data, scale)`` with the power of two `_guard_factor` picks for the data's
+    max-abs (one reduction, no gradient) moved from the data into the scale, exactly;
+    the data stay in their dtype."""
     a = jax.lax.stop_gradient(jax.lax.reduce_max(jax.lax.abs(data), tuple(range(data.ndim))))
     a = cast(a, np.float32)
     m, inv = _guard_factor(a, np.float32(lo), np.float32(hi), t)
     if not is_static(scale):
         m = cast(m, scale.dtype)
     s, r = scale_product(scale, m)
-    out = jax.lax.mul(data, cast(data_factor(inv), cd))
-    return ScaledArray(saturating_cast(times_residual(out, r), dtype), s)
+    return times_residual(jax.lax.mul(data, cast(data_factor(inv), data.dtype)), r), s
 
 
 def recentre(data: Any, scale: Any) -> Tuple[Any, Any]:
@@ -92,13 +99,7 @@ def recentre(data: Any, scale: Any) -> Tuple[Any, Any]:
     Why: a value whose scale may lie far above all of its elements (a selection among
     operands of distinct scales that took the smaller operand everywhere) would start a
     float32 chain far from unit size, where products underflow."""
-    data = as_jax(data)
-    a = cast(jax.lax.stop_gradient(jax.lax.reduce_max(jax.lax.abs(data), tuple(range(data.ndim)))), np.float32)
-    m, inv = _guard_factor(a, np.float32(0), np.float32(0), 0)
-    if not is_static(scale):
-        m = cast(m, scale.dtype)
-    s, r = scale_product(scale, m)
-    return times_residual(jax.lax.mul(data, cast(data_factor(inv), data.dtype)), r), s
+    return _moved(as_jax(data), scale, 0.0, 0.0, 0)
 
 
 @functools.partial(jax.jit, static_argnums=3)

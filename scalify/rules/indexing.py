@@ -74,6 +74,15 @@ def _binary_jaxpr(fn: Any, dtype: np.dtype) -> tuple:
     return closed.jaxpr, tuple(closed.consts)
 
 
+def _combiner_in(params: dict, fn: Any, dtype: np.dtype, eqn_dtype: np.dtype) -> dict:
+    """A scatter's ``params`` with its combiner ``fn`` rebuilt at ``dtype`` when the
+    scatter runs in another dtype than the equation's ``eqn_dtype``."""
+    if np.dtype(dtype) == np.dtype(eqn_dtype):
+        return params
+    jaxpr, consts = _binary_jaxpr(fn, np.dtype(dtype))
+    return dict(params, update_jaxpr=jaxpr, update_consts=consts)
+
+
 # --- gather ----------------------------------------------------------------------------
 
 
@@ -126,9 +135,8 @@ def _scatter_aligned(prim: Any, operand: Any, indices: Any, updates: Any, params
     """Operand and updates aligned to the largest scale (`gather_aligned`); ``fn`` the
     scatter's combiner (min, max), rebuilt in float32 when they are aligned there."""
     s, (od, ud), mixed = gather_aligned((operand, updates))
-    if fn is not None and od.dtype != _dtype(operand):
-        jaxpr, consts = _binary_jaxpr(fn, od.dtype)
-        params = dict(params, update_jaxpr=jaxpr, update_consts=consts)
+    if fn is not None:
+        params = _combiner_in(params, fn, od.dtype, _dtype(operand))
     out = prim.bind(od, as_jax(indices), ud, **params)
     return gathered_result(out, s, _dtype(operand), mixed)
 
@@ -166,9 +174,7 @@ def _scatter_accumulate(prim: Any, fn: Any, operand: Any, indices: Any, updates:
     s = common_scale(operand, updates)
     dtype = _dtype(operand)
     cd = compute_dtype(dtype)
-    if cd != dtype:
-        jaxpr, consts = _binary_jaxpr(fn, cd)
-        params = dict(params, update_jaxpr=jaxpr, update_consts=consts)
+    params = _combiner_in(params, fn, cd, dtype)
     od, idx, ud = in_scale(operand, s, cd), as_jax(indices), in_scale(updates, s, cd)
     groups = _scatter_groups(ud, params) if dtype in _SUM_DOT and narrow_contractions() else 1
     if groups > 1:
@@ -258,9 +264,7 @@ def scatter_mul(operand: Any, indices: Any, updates: Any, **params: Any) -> Scal
     s_out = s_x * _maximum(one(), s_u)
     dtype = _dtype(operand)
     cd = compute_dtype(dtype)
-    if cd != dtype:
-        jaxpr, consts = _binary_jaxpr(lax.mul, cd)
-        params = dict(params, update_jaxpr=jaxpr, update_consts=consts)
+    params = _combiner_in(params, lax.mul, cd, dtype)
     out = lax.scatter_mul_p.bind(
         in_scale(operand, s_out, cd), as_jax(indices), in_scale(updates, one(), cd), **params
     )
