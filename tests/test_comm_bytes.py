@@ -167,6 +167,34 @@ def test_sharded_float16_contraction_reduces_in_float16_without_overflow(tmp_pat
     assert reductions and all(c.dtypes == ["f16"] for c in reductions), [(c.kind, c.shape) for c in reductions]
 
 
+
+def test_sharded_sum_of_a_product_reduces_in_16_bits(tmp_path):
+    """A layer norm gain's gradient, ``sum(dy * xhat)`` over a batch split over 8
+    devices, with the range guard on: the product is summed in float32 in 8 groups, and
+    only the group sums cross devices, in float16 (before: the float32 vector). Products
+    of 2**9-sized data (2**18 each: beyond float16 at their static scale) give finite
+    data and the float32 value to two float16 roundings."""
+    mesh = _mesh()
+    rows = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 16, 8, 32)).astype(np.float32)
+    x = sfy.ScaledArray(jax.device_put(jnp.asarray(a * 2.0**9, jnp.float16), rows), jnp.float32(2.0**-20))
+    y = sfy.ScaledArray(jax.device_put(jnp.asarray(b * 2.0**9, jnp.float16), rows), jnp.float32(2.0**12))
+
+    def gain_grad(x, y):
+        return jax.lax.reduce_sum(x * y, (0, 1))
+
+    out = jax.jit(sfy.scalify(gain_grad))(x, y)
+    assert out.dtype == jnp.float16
+    assert np.all(np.isfinite(np.asarray(out.data, np.float32)))
+    ref = np.sum(np.asarray(sfy.asarray(x, dtype=jnp.float32)) * np.asarray(sfy.asarray(y, dtype=jnp.float32)), (0, 1))
+    got = np.asarray(sfy.asarray(out, dtype=jnp.float32))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2**-9 * np.max(np.abs(ref)))
+
+    text = _post_partitioner(sfy.scalify(gain_grad), (x, y), tmp_path)
+    reductions = [c for c in comm_bytes.collectives(text, (8, 1)) if not c.scalar and c.kind != "all-gather"]
+    assert reductions and all(c.dtypes == ["f16"] for c in reductions), [(c.kind, c.shape, c.dtypes) for c in reductions]
+
 RNG_TABLE = np.random.default_rng(5).standard_normal((8, 64))
 
 

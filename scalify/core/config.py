@@ -157,3 +157,12 @@ def narrow_contractions() -> bool:
         return jax.device_count() > 1
     return on
 
+
+def device_groups(n: int) -> int:
+    """How many groups a dimension of size ``n`` that devices may share (a batch) splits
+    into for a sum whose partial results cross devices in 16 bits: the largest divisor
+    of ``n`` that divides the device count (1 on one device)."""
+    import jax  # imported here: the configuration module starts no backend
+
+    return int(np.gcd(int(n), jax.device_count()))
+

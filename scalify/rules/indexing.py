@@ -35,7 +35,7 @@ from scalify.core.operands import (
     scale_of,
     static_uniform_value,
 )
-from scalify.core.config import narrow_contractions
+from scalify.core.config import device_groups, narrow_contractions
 from scalify.core.operands import cast, fit_to_format
 from scalify.core.pow2 import is_static, pow2_round, pow2_round_down, xnp
 from scalify.core.registry import UnsupportedPrimitiveError, register_scaled_op
@@ -193,7 +193,7 @@ def _scatter_groups(ud: Any, params: dict) -> int:
     dn = params["dimension_numbers"]
     if ud.ndim == 0 or 0 in dn.update_window_dims or dn.operand_batching_dims:
         return 1
-    return int(np.gcd(ud.shape[0], jax.device_count()))
+    return device_groups(ud.shape[0])
 
 
 def _grouped_scatter(prim: Any, od: Any, idx: Any, ud: Any, s: Any, dtype: np.dtype, g: int,

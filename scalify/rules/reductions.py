@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scalify.core.config import get_config, narrow_contractions
+from scalify.core.config import device_groups, get_config, narrow_contractions
 from scalify.core.datatype import ScaledArray
 from scalify.core.operands import (
-    Wide, as_jax, cast, compute_dtype, deferring, format_bounds, needs_guard, saturating_cast, scale_dtype,
-    scale_mul, wide_result,
+    Wide, as_jax, cast, compute_dtype, deferring, fit_to_format, format_bounds, needs_guard, saturating_cast,
+    scale_dtype, scale_mul, wide_result,
 )
 from scalify.core.pow2 import pow2_round
 from scalify.core.registry import register_scaled_op
@@ -70,27 +70,34 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
     With `ScalifyConfig.narrow_contractions` on (several devices), a measured sum of
     float16/bfloat16 data is a contraction with 16-bit output (`_sum_by_dot`), and a
     `Wide` operand of those dtypes whose chain needs no range guard is rounded first: the
-    sum then crosses devices in 16 bits. A guarded chain is summed in float32 (its
-    guard would cost more than the float32 bytes it saves).
+    sum then crosses devices in 16 bits. A guarded chain (a product: a layer norm gain's
+    gradient) is summed in float32 in groups along its first summed axis, one per
+    device sharing it (`_group_sums`); only the group sums are rounded (range-guarded,
+    a max-abs of a tensor the size of the result times the groups) and summed in 16
+    bits, at the cost of one more float16 rounding.
     """
     n = _num_reduced(x.shape, axes)
     measured = n >= get_config().measured_min_reduced
     wide = isinstance(x, Wide)
     if wide and not (_fits_sum(x, n) and (measured or deferring(x.dtype))):
         x, wide = x.materialise(), False
-    if wide and measured and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions() and not (
-            x.guard and get_config().range_guard):
-        # Where devices share the sum, a 16-bit chain that needs no guard is rounded
-        # first and summed in 16 bits (below), so that a gradient summed over a sharded
-        # batch crosses devices in 16 bits. A guarded chain (a product: a layer norm's
-        # gain gradient) stays float32: rounding it would cost a max-abs pass and one
-        # more scalar all-reduce, far more than the vector's float32 bytes.
-        x, wide = x.materialise(), False
+    dot_axes, dot_n = tuple(axes), n
+    if wide and measured and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
+        # Where devices share the sum, it crosses them in 16 bits (below). A chain that
+        # needs no guard is rounded first; a guarded chain (a product: a layer norm's
+        # gain gradient) is summed in float32 in groups along its first summed axis and
+        # only the groups' sums are rounded (guarded: a max-abs of a tensor as small as
+        # the result times the device count, not of the chain).
+        if x.guard and get_config().range_guard:
+            x, dot_axes, dot_n = _group_sums(x, tuple(sorted(axes)))
+        else:
+            x = x.materialise()
+        wide = isinstance(x, Wide)
     cd = compute_dtype(x.dtype)
     if measured and not wide and np.dtype(x.dtype) in _SUM_DOT and narrow_contractions():
         # Summed by a contraction with a constant vector (see `_sum_by_dot`): a sum over a
         # dimension sharded across devices is then reduced across them in 16 bits.
-        total, c = _sum_by_dot(as_jax(x.data), tuple(axes), n, params.get("out_sharding"))
+        total, c = _sum_by_dot(as_jax(x.data), dot_axes, dot_n, params.get("out_sharding"))
         m, inv_m = pow2_rms(total, normalise=False)  # float16 sums: squares fit float32
         data = lax.mul(total, data_factor(inv_m))
         m = lax.mul(m, np.asarray(1 / c, m.dtype))  # exact: powers of two
@@ -119,6 +126,26 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
 
 
 _SUM_DOT = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _group_sums(x: Wide, axes: Tuple[int, ...]) -> Tuple[Any, Tuple[int, ...], int]:
+    """``(sums, (a,), g)``: a guarded float32 chain ``x`` summed over ``axes`` except for
+    ``g`` groups along the first summed axis ``a`` (`config.device_groups`: the groups
+    a batch sharded across devices splits into), rounded once to ``x``'s dtype
+    (range-guarded); the caller sums the ``g`` group sums over axis ``a`` by a 16-bit
+    contraction. ``(x, axes, N)`` unchanged when ``g`` is 1 (the sum stays float32).
+
+    Why: rounding the chain itself would need its max-abs, a pass over the whole chain;
+    the group sums are ``N / g`` times smaller. Their one extra rounding (float16 keeps
+    11 bits of each group sum) is the price of crossing devices in 16 bits."""
+    a = axes[0]
+    g = device_groups(x.shape[a])
+    if g == 1:
+        return x, axes, _num_reduced(x.shape, axes)
+    d = as_jax(x.data)
+    d = d.reshape(d.shape[:a] + (g, d.shape[a] // g) + d.shape[a + 1:])
+    sums = lax.reduce_sum(d, (a + 1,) + tuple(b + 1 for b in axes[1:]))
+    return fit_to_format(sums, x.scale, x.dtype), (a,), g
 
 
 def _sum_by_dot(d: Any, axes: Tuple[int, ...], n: int, out_sharding: Any = None) -> Tuple[Any, float]:

@@ -249,13 +249,16 @@ def test_measured_sum_of_16bit_data_leaves_in_16_bits(dtype, narrow):
         assert_pow2_scales([out])
         np.testing.assert_array_equal(values64(out), 2.0**24 * 2.0**-30)
     # A sum of an unguarded float16 elementwise chain's result (float32 inside scalify
-    # until rounded) too; a guarded one (a product) is summed in float32, unguarded.
-    # (bfloat16 results are rounded at once: a product is 16-bit data already.)
-    product_narrow = narrow and np.dtype(dtype) != np.float16
-    for g, sums_narrow in ((lambda x: f(x + 1.0), narrow), (lambda x: f(x * x), product_narrow)):
+    # until rounded) too; a guarded one (a product: 2**24 per element here, beyond
+    # float16 at its static scale) is summed in float32 in device groups whose sums
+    # are rounded, guarded, and summed in 16 bits. Both exact (powers of two).
+    for g, want in ((lambda x: f(x + 1.0), 4096 * (2.0**-18 + 1)), (lambda x: f(x * x), 2.0**36 * 2.0**-60)):
         with config:
             text = jax.jit(sfy.scalify(g)).lower(x).as_text()
-        assert bool(re.search(rf"dot_general.*->\s*tensor<3x{narrow_dt}>", text)) == sums_narrow, text
+            out = jax.jit(sfy.scalify(g))(x)
+        assert bool(re.search(rf"dot_general.*->\s*tensor<3x{narrow_dt}>", text)) == narrow, text
+        assert_finite(out)
+        np.testing.assert_allclose(values64(out), want, rtol=rtol_of(dtype))
     # Zero-mean data: the sum's one rounding, against float64.
     y = scaled(RNG.standard_normal((512, 7)), 2.0**5, dtype)
     with config:
