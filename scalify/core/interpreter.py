@@ -369,10 +369,12 @@ def observing() -> bool:
 _READERS: "weakref.WeakKeyDictionary[Jaxpr, dict]" = weakref.WeakKeyDictionary()
 
 
-def _readers(jaxpr: Jaxpr) -> dict:
+def _readers(jaxpr: Jaxpr, keep: tuple = ()) -> dict:
     """For each variable of ``jaxpr``, the `Deferred` kinds its readers take as they are:
-    one tuple per reading equation (`deferred_kinds`), ``()`` for a jaxpr output."""
-    known = _READERS.get(jaxpr)
+    one tuple per reading equation (`deferred_kinds`), ``keep`` for a jaxpr output (the
+    kinds `eval_jaxpr` hands on deferred)."""
+    per_keep = _READERS.setdefault(jaxpr, {})
+    known = per_keep.get(keep)
     if known is None:
         known = {}
         for e in jaxpr.eqns:
@@ -382,8 +384,8 @@ def _readers(jaxpr: Jaxpr) -> dict:
                     known.setdefault(v, []).append(kinds)
         for v in jaxpr.outvars:
             if not isinstance(v, Literal):
-                known.setdefault(v, []).append(())
-        _READERS[jaxpr] = known
+                known.setdefault(v, []).append(keep)
+        per_keep[keep] = known
     return known
 
 
@@ -392,14 +394,16 @@ def _read_materialised(x: Deferred, readers: Sequence[tuple]) -> bool:
     return any(not isinstance(x, kinds) for kinds in readers) if readers else False
 
 
-def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
+def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any, keep: tuple = ()) -> List[Any]:
     """Interpret ``jaxpr`` on ScaledArray / plain arguments with the scaled rules.
 
     Literals are read as static NumPy values, which fold at trace time. A `Deferred`
     result of a kind marked ``eager`` (e.g. `scalify.core.wide.Wide`) is materialised at
     once when some reader will take it materialised anyway: its other readers then share
-    that ScaledArray rather than computing on from the deferred form beside it."""
-    readers = _readers(jaxpr)
+    that ScaledArray rather than computing on from the deferred form beside it. Outputs
+    are materialised, except those of the `Deferred` kinds in ``keep`` (for a call rule
+    whose caller's readers take them as they are)."""
+    readers = _readers(jaxpr, keep)
 
     def evaluate(eqn: Any, invals: List[Any]) -> List[Any]:
         if any(isinstance(x, Deferred) for x in invals):
@@ -424,12 +428,13 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], *args: Any) -> List[Any]:
         ]
 
     outs = walker.eval_jaxpr(jaxpr, consts, args, evaluate, static_literals=True)
-    return [materialise(o) for o in outs]
+    return [o if isinstance(o, keep) and (o.materialised is None or not o.eager) else materialise(o)
+            for o in outs]
 
 
-def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any) -> List[Any]:
+def eval_closed_jaxpr(closed: ClosedJaxpr, *args: Any, keep: tuple = ()) -> List[Any]:
     """`eval_jaxpr` for a ClosedJaxpr (its consts included)."""
-    return eval_jaxpr(closed.jaxpr, closed.consts, *args)
+    return eval_jaxpr(closed.jaxpr, closed.consts, *args, keep=keep)
 
 
 def _check_scaled_leaf(x: ScaledArray) -> ScaledArray:

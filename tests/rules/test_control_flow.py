@@ -387,10 +387,61 @@ def test_nested_jit_keeps_name_and_donation():
     x, y = scaled(X, 2.0**-20, np.float16), scaled(X, 2.0**5, np.float16)
     _both(f, x, y, dtype=np.float16)
     eqns = [e for e in jax.make_jaxpr(sfy.scalify(f))(x, y).jaxpr.eqns if e.primitive is P.jit_p]
+    eqns = [e for e in eqns if e.params["name"] in ("inner", "<lambda>")]  # not scalify's scalar helpers
     assert [e.params["name"] for e in eqns] == ["inner", "<lambda>"]
     # the donated ScaledArray gives its data (not its scale) to the inner jit
     assert eqns[1].params["donated_invars"][0] is True
     assert not any(eqns[1].params["donated_invars"][1:])
+
+
+def _reduce_maxes(closed):
+    """Max-abs reductions (range guards) in a jaxpr, nested jits included."""
+    n = 0
+    for e in closed.jaxpr.eqns:
+        n += e.primitive.name == "reduce_max"
+        if e.primitive is P.jit_p:
+            n += _reduce_maxes(e.params["jaxpr"])
+    return n
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_elementwise_chain_crosses_a_nested_jit_unrounded(eager):
+    """A float16 chain's float32 result crosses a nested ``jit`` both ways unrounded: the
+    product ``x * x`` (elements 2**31 apart: the smallest flush to 0 once rounded) leaves
+    the jit in float32, so ``rsqrt`` outside reads its small elements as the same chain
+    without the jit would, finite and within float16's rounding of float32; and the
+    chain is guarded once, where ``rsqrt``'s result is rounded. The jit keeps its name."""
+    square = jax.jit(lambda a: a * a)
+
+    def f(x):
+        return lax.rsqrt(square(x))
+
+    data = np.array([1.0, 2.0**-15, -1.5, 2.0**-14], np.float32)
+    x = scaled(data, 2.0**3, np.float16)
+    got = sfy.asarray(sfy.scalify(f)(x) if eager else jax.jit(sfy.scalify(f))(x), dtype=jnp.float32)
+    want = f(sfy.asarray(x, dtype=jnp.float32))
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol_of(np.float16))
+    closed = jax.make_jaxpr(sfy.scalify(f))(x)
+    assert "<lambda>" in [e.params["name"] for e in closed.jaxpr.eqns if e.primitive is P.jit_p]
+    assert _reduce_maxes(closed) == _reduce_maxes(jax.make_jaxpr(sfy.scalify(lambda x: lax.rsqrt(x * x)))(x))
+
+
+def test_selection_of_distant_scales_crosses_jnp_where_unrounded():
+    """``jnp.where`` is a nested jit: a selection between ``tanh(x)`` (size 1) and ``y``
+    (2**39) leaves it in float32, so ``|.|**-1.5`` of the elements taken from ``tanh``
+    is finite (once rounded to float16 beside 2**39 they would be 0, and 0**-1.5 inf)."""
+    def f(x, m, y, z):
+        return jnp.power(jnp.abs(jnp.where(m, jnp.tanh(x), y)), -1.5) + z
+
+    x = scaled(np.array([3.0, -2.0, 1.0, 5.0], np.float32), 2.0**10, np.float16)
+    m = jnp.array([True, True, False, True])
+    y = scaled(np.array([1.0, -1.5, 1.25, 1.0], np.float32), 2.0**39, np.float16)
+    z = scaled(np.array([0.5, -0.25, 1.0, 0.75], np.float32), 2.0**-2, np.float16)
+    got = sfy.asarray(jax.jit(sfy.scalify(f))(x, m, y, z), dtype=jnp.float32)
+    want = f(sfy.asarray(x, dtype=jnp.float32), m, sfy.asarray(y, dtype=jnp.float32), sfy.asarray(z, dtype=jnp.float32))
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol_of(np.float16))
 
 
 def test_unsupported_primitive_in_a_loop_body_names_it_and_the_line():

@@ -59,9 +59,11 @@ def _sub_counts(e) -> collections.Counter:
     return counts
 
 
-def _guards(f, *args, defer=True):
-    """Max-abs reductions in the traced scalified program (each range guard is one)."""
-    with sfy.ScalifyConfig(defer_rounding=defer):
+def _guards(f, *args, defer=True, narrow=False):
+    """Max-abs reductions in the traced scalified program (each range guard is one), on
+    one device's program unless ``narrow`` (`ScalifyConfig.narrow_contractions`: sums
+    shared by devices)."""
+    with sfy.ScalifyConfig(defer_rounding=defer, narrow_contractions=narrow):
         closed = jax.make_jaxpr(sfy.scalify(f))(*args)
     return _live_counts(closed.jaxpr)["reduce_max"]
 
@@ -101,6 +103,20 @@ def test_one_guard_per_chain(name):
     f, args, before, after = CHAINS[name]
     assert _guards(f, *args, defer=False) == before
     assert _guards(f, *args) == after
+
+
+def test_sum_of_a_product_shared_by_devices_measures_its_group_sums():
+    """Where devices share a sum (`narrow_contractions`), the layer norm gain's gradient,
+    a measured sum of a product over the batch, is summed in float32 per group of the
+    batch and only the group sums are rounded, range-guarded: one guard more, on a
+    tensor of (groups, features), never on the product."""
+    f, args, _, after = CHAINS["layer norm grad"]
+    with sfy.ScalifyConfig(narrow_contractions=True):
+        closed = jax.make_jaxpr(sfy.scalify(f))(*args)
+    shapes = [e.invars[0].aval.shape for e in closed.jaxpr.eqns if e.primitive.name == "reduce_max"]
+    groups = int(np.gcd(X.shape[0], jax.device_count()))
+    assert _guards(f, *args, narrow=True) == after + (groups > 1)
+    assert ((groups, X.shape[1]) in shapes) == (groups > 1), shapes
 
 
 @pytest.mark.parametrize("name", sorted(CHAINS))

@@ -11,6 +11,15 @@ computation.
 The re-wrapped ``jit`` is cached (`_JIT_CACHE`), keyed by the inner jaxpr, the
 operands' kinds and static leaves, and the call's parameters: eager calls of a scalified
 function then reuse the compiled inner function instead of compiling it at every call.
+
+An elementwise chain's float32 result (`scalify.core.wide.Wide`) crosses a nested
+``jit``, a ``closed_call`` or a ``call`` unrounded, both ways: into the body (a ``jnp.where`` or ``jnp.clip`` reads it
+as the next elementwise rule would) and out of it (a body that ends in an elementwise
+rule hands its float32 result on). A nested ``jit`` passes it as its float32 data and
+scale, its static description (`_wide_meta`) closed over. So such a call, which only
+names a piece of the program, rounds nothing that the same program without it would
+not. (``remat`` still rounds its operands and results: its saving policy decides what
+is stored, in the data format.)
 """
 from __future__ import annotations
 
@@ -30,7 +39,8 @@ from scalify.core.interpreter import eval_closed_jaxpr, eval_jaxpr
 from scalify.core.operands import as_jax
 from scalify.core.pow2 import is_static
 from scalify.core.registry import register_scaled_op
-from scalify.rules.control_flow.leaves import Split
+from scalify.core.wide import Wide
+from scalify.rules.control_flow.leaves import Split, mk
 
 # Nested `jit`s re-wrapped in `jax.jit`, keyed by jaxpr, operand kinds and parameters,
 # so that eager calls of a scalified function reuse the compiled inner function (the
@@ -68,7 +78,24 @@ def _replicated(sharding: Any) -> Any:
     return None
 
 
-@register_scaled_op(P.jit_p)
+_KEEP = (Wide,)  # the deferred kind that crosses call boundaries
+
+
+def _wide_meta(x: Any) -> Any:
+    """The static description of a `Wide` value that can cross a ``jit`` boundary as
+    its float32 data and scale (None for any other value, and for a selection of max/min,
+    whose registered operands are tracers of the caller's trace)."""
+    if not isinstance(x, Wide) or x.selection is not None:
+        return None
+    return (x.dtype, x.guard, x.hi, x.lo, x.band, x.spread)
+
+
+def _to_wide(x: Any, meta: Any) -> Any:
+    """``x`` (a ScaledArray of float32 data) as the `Wide` value ``meta`` describes."""
+    return x if meta is None else Wide(x.data, x.scale, *meta)
+
+
+@register_scaled_op(P.jit_p, takes_deferred=_KEEP)
 def jit(*operands: Any, jaxpr: ClosedJaxpr, name: str = "jit", inline: bool = False,
         donated_invars: Sequence[bool] = (), in_shardings: Sequence[Any] = (),
         out_shardings: Sequence[Any] = (), keep_unused: bool = False,
@@ -76,21 +103,35 @@ def jit(*operands: Any, jaxpr: ClosedJaxpr, name: str = "jit", inline: bool = Fa
     """A nested ``jit``: the scalified inner function re-wrapped in ``jax.jit`` with the
     same name, donation (of the data of donated ScaledArrays, never of their scalar
     scales), in/out shardings (scales replicated) and compiler options; ``inline=True``
-    is inlined. Layout parameters are not carried over."""
+    is inlined. Layout parameters are not carried over.
+
+    A plain ``jit`` (no donation, shardings or compiler options: ``jnp.where``,
+    ``jax.nn.gelu``, most user jits inside a step) passes `Wide` operands and results
+    through unrounded (see the module's docstring). One with any of them rounds them:
+    there the boundary is a real one, whose buffers are donated or laid out as asked, in
+    the data format."""
     if inline:
-        return eval_closed_jaxpr(jaxpr, *operands)
-    split = Split(operands)
+        return eval_closed_jaxpr(jaxpr, *operands, keep=_KEEP)
     n = len(operands)
     donated = tuple(donated_invars) or (False,) * n
     ins = tuple(in_shardings) or (None,) * n
     outs_sh = tuple(out_shardings)
+    plain = not (any(donated) or compiler_options_kvs
+                 or any(not _jax_compat.is_unspecified(s) for s in (*ins, *outs_sh)))
+    in_meta = tuple(_wide_meta(x) if plain else None for x in operands)
+    operands = [x.materialise() if isinstance(x, Wide) and m is None else
+                mk(x.data, x.scale) if m is not None else x for x, m in zip(operands, in_meta)]
+    split = Split(operands)
     cfg = get_config()
     skey = split.key()
     key = None
     # Observers (telemetry) must see the inner equations at each trace: no cache then.
     if skey is not None and not interpreter.observing():
         options = tuple(compiler_options_kvs)
-        key = (jaxpr, skey, donated, ins, outs_sh, name, keep_unused, options, cfg)
+        # The leaves' types too: `inner` is traced once per type signature, and the
+        # description of its `Wide` results (out_meta) must be that of this one.
+        types = tuple(jax.typeof(x) for x in split.leaves)
+        key = (jaxpr, skey, in_meta, types, donated, ins, outs_sh, name, keep_unused, options, cfg)
         try:
             hash(key)
         except TypeError:
@@ -98,23 +139,32 @@ def jit(*operands: Any, jaxpr: ClosedJaxpr, name: str = "jit", inline: bool = Fa
     entry = _cached(key)
     if entry is None:
         entry = _make_jit(
-            jaxpr, split, name, donated, ins, outs_sh, keep_unused, compiler_options_kvs
+            jaxpr, split, in_meta, plain, name, donated, ins, outs_sh, keep_unused, compiler_options_kvs
         )
         if key is not None:
             _cache(key, entry)
-    fn, out_tree = entry
+    fn, out_tree, out_meta = entry
     out = fn(*split.leaves)
-    return list(out) if out_tree is None else jax.tree.unflatten(out_tree, out)
+    out = list(out) if out_tree is None else jax.tree.unflatten(out_tree, out)
+    return [_to_wide(x, m) for x, m in zip(out, out_meta)]
 
 
-def _make_jit(jaxpr: ClosedJaxpr, split: Split, name: str, donated: Sequence[bool],
+def _make_jit(jaxpr: ClosedJaxpr, split: Split, in_meta: Sequence[Any], plain: bool, name: str,
+              donated: Sequence[bool],
               ins: Sequence[Any], outs_sh: Sequence[Any], keep_unused: bool,
-              compiler_options_kvs: Sequence[Any]) -> Tuple[Callable[..., Any], Any]:
+              compiler_options_kvs: Sequence[Any]) -> Tuple[Callable[..., Any], Any, List[Any]]:
     template = Split.__new__(Split)  # keep no reference to this call's tracers
     template.template, template.scaled, template.owner = split.template, split.scaled, split.owner
+    # The static description of each `Wide` result, written when `inner` is traced
+    # (the same at every trace: it depends on the key's jaxpr, operand kinds and config).
+    out_meta: List[Any] = [None] * len(jaxpr.out_avals)
 
     def inner(*leaves: Any) -> List[Any]:
-        return eval_closed_jaxpr(jaxpr, *template.rebuild(leaves))
+        ops = [_to_wide(x, m) for x, m in zip(template.rebuild(leaves), in_meta)]
+        outs = eval_closed_jaxpr(jaxpr, *ops, keep=_KEEP if plain else ())
+        out_meta[:] = [_wide_meta(o) for o in outs]
+        return [o.materialise() if isinstance(o, Wide) and m is None else
+                mk(o.data, o.scale) if m is not None else o for o, m in zip(outs, out_meta)]
 
     inner.__name__ = inner.__qualname__ = name
     kw: dict = {"keep_unused": keep_unused}
@@ -140,25 +190,27 @@ def _make_jit(jaxpr: ClosedJaxpr, split: Split, name: str, donated: Sequence[boo
             return tuple(jax.tree.leaves(inner(*leaves)))
 
         flat_inner.__name__ = flat_inner.__qualname__ = name
-        return jax.jit(flat_inner, **kw), out_tree
-    return jax.jit(inner, **kw), None
+        return jax.jit(flat_inner, **kw), out_tree, out_meta
+    return jax.jit(inner, **kw), None, out_meta
 
 
 def _call_jaxpr(call_jaxpr: Any, operands: Sequence[Any]) -> List[Any]:
     if isinstance(call_jaxpr, ClosedJaxpr):
-        return eval_closed_jaxpr(call_jaxpr, *operands)
-    return eval_jaxpr(call_jaxpr, (), *operands)
+        return eval_closed_jaxpr(call_jaxpr, *operands, keep=_KEEP)
+    return eval_jaxpr(call_jaxpr, (), *operands, keep=_KEEP)
 
 
-@register_scaled_op(P.closed_call_p)
+@register_scaled_op(P.closed_call_p, takes_deferred=_KEEP)
 def closed_call(*operands: Any, call_jaxpr: Any, **params: Any) -> List[Any]:
-    """A closed call is a function call: its scalified body is inlined."""
+    """A closed call is a function call: its scalified body is inlined (`Wide` values
+    cross it unrounded)."""
     return _call_jaxpr(call_jaxpr, operands)
 
 
-@register_scaled_op(P.call_p)
+@register_scaled_op(P.call_p, takes_deferred=_KEEP)
 def core_call(*operands: Any, call_jaxpr: Any, **params: Any) -> List[Any]:
-    """A core call is a function call: its scalified body is inlined."""
+    """A core call is a function call: its scalified body is inlined (`Wide` values
+    cross it unrounded)."""
     return _call_jaxpr(call_jaxpr, operands)
 
 
