@@ -61,7 +61,8 @@ class Wide(Deferred):
 
 
     def __init__(self, data: Any, scale: Any, dtype: Any, guard: bool, hi: int, lo: int,
-                 band: Any = None, spread: bool = False, selection: Optional[tuple] = None):
+                 band: Any = None, spread: bool = False, selection: Optional[tuple] = None,
+                 top: bool = False):
         self.data, self.scale, self.dtype = data, scale, np.dtype(dtype)
         self.guard, self.hi, self.lo = bool(guard), int(hi), int(lo)
         self.band = self.dtype if band is None else np.dtype(band)
@@ -71,6 +72,10 @@ class Wide(Deferred):
         # the rounded data (`register_selection`) so that max's derivative compares
         # the operands, not the rounded result.
         self.spread, self.selection = bool(spread), selection
+        # ``top``: a chain that read such a selection is rounded with the same
+        # placement (its elements may span as many binades), and nothing else of the
+        # selection's (it is eager, and compared as rounded).
+        self.top = bool(top)
 
     @property
     def eager(self) -> bool:  # type: ignore[override]
@@ -93,7 +98,7 @@ class Wide(Deferred):
     def _materialise(self) -> ScaledArray:
         if not self.guard:
             return ScaledArray(saturating_cast(self.data, self.dtype), self.scale)
-        out = fit_to_format(self.data, self.scale, self.dtype, spread=self.spread, band=self.band)
+        out = fit_to_format(self.data, self.scale, self.dtype, spread=self.spread or self.top, band=self.band)
         if out.scale is not self.scale and get_config().scales_computed_once:
             out = ScaledArray(out.data, computed_once(out.scale))  # as the interpreter does
         if self.spread:
@@ -108,7 +113,8 @@ class Wide(Deferred):
         selection a value records stays with its own data only."""
         scale = self.scale if scale is None else scale
         selection = self.selection if data is self.data else None
-        return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band, self.spread, selection)
+        return Wide(data, scale, self.dtype, self.guard, self.hi, self.lo, self.band, self.spread, selection,
+                    self.top)
 
     def map_layout(self, fn: Any) -> "Wide":
         """`Deferred.map_layout`: a same-scale operation commutes with the pending
@@ -178,12 +184,21 @@ def needs_guard(*xs: Any) -> bool:
     return any(isinstance(x, Wide) and x.guard for x in xs)
 
 
-def wide_result(data: Any, scale: Any, dtype: Any, guard: bool, bounds: Tuple[int, int]) -> Any:
+def wide_result(data: Any, scale: Any, dtype: Any, guard: bool, bounds: Tuple[int, int],
+                operands: Sequence[Any] = ()) -> Any:
     """A deferring rule's result: ``Wide`` when its bounds are within the limits, else
     rounded at once (`fit_to_format` when ``guard``, else a saturating cast), as a rule
-    that does not defer."""
+    that does not defer. A result computed from a selection among distinct scales (a
+    `Wide` operand with ``spread`` or ``top``, in ``operands``) is rounded as the
+    selection would be, its max-abs at the top of the guard band.
+
+    Why: the selection's elements may span more binades than unit placement leaves
+    below the largest (``where(m, tanh(x), 2**39 * y)``); ``+ 0`` or ``* 2`` does not
+    change that, so the chain's one rounding, wherever it happens, keeps the
+    selection's placement."""
+    top = any(isinstance(x, Wide) and (x.spread or x.top) for x in operands)
     if deferring(dtype) and within_wide_bounds(*bounds):
-        return Wide(data, scale, dtype, guard, *bounds)
-    if guard:
-        return fit_to_format(data, scale, dtype)
+        return Wide(data, scale, dtype, guard or top, *bounds, top=top)
+    if guard or top:
+        return fit_to_format(data, scale, dtype, spread=top)
     return ScaledArray(saturating_cast(as_jax(data), dtype), scale)

@@ -213,7 +213,7 @@ def _sum(lax_fn: Callable[..., Any], x: Any, y: Any) -> Any:
         (x, y), bounds = bounded_operands((x, y), _sum_bounds)
         s = hypot_scale(scale_of(x), scale_of(y))
         guard = needs_guard(x, y) or lift
-        return wide_result(lax_fn(in_scale(x, s), in_scale(y, s)), s, dtype, guard, bounds)
+        return wide_result(lax_fn(in_scale(x, s), in_scale(y, s)), s, dtype, guard, bounds, (x, y))
     x, y = materialised(x), materialised(y)
     s = hypot_scale(scale_of(x), scale_of(y))
     out = lax_fn(in_scale(x, s), in_scale(y, s))
@@ -270,7 +270,7 @@ def _scaled_binary(x: Any, y: Any, dtype: Any, bounded: bool, op: Callable, scal
     s, r = scale_fn(sx, sy)
     data = times_residual(op(in_scale(x, sx), in_scale(y, sy)), r)
     if deferring(dtype):
-        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds)
+        return wide_result(data, s, dtype, needs_guard(x, y) or not bounded, bounds, (x, y))
     if bounded:
         return ScaledArray(cast(data, dtype), s)
     return fit_to_format(data, s, dtype)
@@ -415,7 +415,7 @@ def _select(prim: Primitive, xs: Any, dtype: Any, params: Any, pred: Any = None)
         s, data = _aligned(xs, compute_dtype(dtype))
         out = prim.bind(*(data if pred is None else [as_jax(pred), *data]), **params)
         if not mixed:
-            return wide_result(out, s, dtype, needs_guard(*xs), (hi, lo))
+            return wide_result(out, s, dtype, needs_guard(*xs), (hi, lo), xs)
         selection = (prim.name, list(xs)) if prim in (lax.max_p, lax.min_p) else None
         out, s = recentre(out, s)  # the largest scale may lie far above every element
         return Wide(out, s, dtype, True, hi, lo, spread=True, selection=selection)
@@ -643,7 +643,7 @@ def sqrt(x: Any, **params: Any) -> Any:
         ratio = (s / p) / p
     data = lax.sqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     if bounds is not None:
-        return wide_result(data, p, x.dtype, needs_guard(x), bounds)
+        return wide_result(data, p, x.dtype, needs_guard(x), bounds, (x,))
     return ScaledArray(data.astype(x.dtype), p)
 
 
@@ -660,7 +660,7 @@ def rsqrt(x: Any, **params: Any) -> Any:
     ratio = (s * p) * p
     data = lax.rsqrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     if bounds is not None:
-        return wide_result(data, p, x.dtype, True, bounds)
+        return wide_result(data, p, x.dtype, True, bounds, (x,))
     return fit_to_format(data, p, x.dtype)
 
 
@@ -674,7 +674,7 @@ def cbrt(x: Any, **params: Any) -> Any:
     ratio = ((s / p) / p) / p
     data = lax.cbrt_p.bind(times_residual(_data(x), None if _is_one(ratio) else ratio), **params)
     if bounds is not None:
-        return wide_result(data, p, x.dtype, needs_guard(x), bounds)
+        return wide_result(data, p, x.dtype, needs_guard(x), bounds, (x,))
     return ScaledArray(data.astype(x.dtype), p)
 
 
@@ -689,7 +689,7 @@ def square(x: Any, **params: Any) -> Any:
     s, r = _scale_pow(x.scale, 2.0)
     data = times_residual(lax.square_p.bind(_data(x), **params), r)
     if bounds is not None:
-        return wide_result(data, s, x.dtype, True, bounds)
+        return wide_result(data, s, x.dtype, True, bounds, (x,))
     return fit_to_format(data, s, x.dtype)
 
 
@@ -707,7 +707,7 @@ def integer_pow(x: Any, *, y: int, **params: Any) -> Any:
     s, r = _scale_pow(x.scale, float(y))
     data = times_residual(lax.integer_pow_p.bind(_data(x), y=y, **params), r)
     if bounds is not None:
-        return wide_result(data, s, x.dtype, y != 1 or needs_guard(x), bounds)
+        return wide_result(data, s, x.dtype, y != 1 or needs_guard(x), bounds, (x,))
     if y in (0, 1):
         return ScaledArray(data.astype(x.dtype), s)
     return fit_to_format(data, s, x.dtype)
@@ -732,7 +732,7 @@ def pow_(x: Any, y: Any, **params: Any) -> Any:
         s, r = _scale_pow(x.scale, c)
         data = times_residual(lax.pow(_data(x), np.float32(c)), r)
         if bounds is not None:
-            return wide_result(data, s, out_dtype(x, y), True, bounds)
+            return wide_result(data, s, out_dtype(x, y), True, bounds, (x, y))
         return fit_to_format(data, s, out_dtype(x, y))
     data = lax.pow_p.bind(in_scale(x, one()), in_scale(y, one()), **params)
     return fit_to_format(data, one(), out_dtype(x, y))
@@ -842,7 +842,7 @@ def _nonlinear(prim: Primitive, scale_fn: Callable[[Any], Any], bounded: bool = 
             bounds = (_BOUNDED_HI[scale_fn](data_bounds(x)[0]), format_bounds(x.dtype)[1])
             # Bounded at its scale for data a narrow format holds; like the identity (or
             # a rounding) for small scales, it hands a Wide operand's range on as it is.
-            return wide_result(y, t, x.dtype, scale_fn is not _unit_scale and needs_guard(x), bounds)
+            return wide_result(y, t, x.dtype, scale_fn is not _unit_scale and needs_guard(x), bounds, (x,))
         if bounded:
             return ScaledArray(y.astype(x.dtype), t)
         return fit_to_format(y, t, x.dtype)
@@ -970,11 +970,11 @@ def _convert_wide(x: Wide, new: np.dtype) -> Any:
         return x
     if is_narrow(new):
         guard = x.guard or _narrowing(new, x.dtype)
-        return Wide(x.data, x.scale, new, guard, x.hi, x.lo, spread=x.spread)
+        return Wide(x.data, x.scale, new, guard, x.hi, x.lo, spread=x.spread, top=x.top)
     if not x.guard:
         return ScaledArray(cast(x.data, new), x.scale)
     if new == np.dtype(np.float32):
-        return Wide(x.data, x.scale, new, True, x.hi, x.lo, band=x.band, spread=x.spread)
+        return Wide(x.data, x.scale, new, True, x.hi, x.lo, band=x.band, spread=x.spread, top=x.top)
     return None
 
 

@@ -119,7 +119,7 @@ def reduce_sum(x: Any, *, axes: Sequence[int], **params: Any) -> Any:
         hi, lo = (x.hi, x.lo) if isinstance(x, Wide) else format_bounds(x.dtype)
         bounds = (hi + int(np.ceil(np.log2(max(n, 1)))), lo - int(np.log2(float(factor))))
         scale = scale_mul(x.scale, factor) if factor != 1 else x.scale
-        return wide_result(total, scale, x.dtype, needs_guard(x), bounds)
+        return wide_result(total, scale, x.dtype, needs_guard(x), bounds, (x,))
     if factor != 1:
         return ScaledArray(saturating_cast(total, x.dtype), scale_mul(x.scale, factor))
     return ScaledArray(saturating_cast(total, x.dtype), x.scale)

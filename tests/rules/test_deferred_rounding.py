@@ -307,3 +307,28 @@ def test_every_reader_sees_a_value_another_reader_materialised():
     got = np.asarray(sfy.asarray(jax.jit(sfy.scalify(grad))(xs), jnp.float32))
     want = np.asarray(grad(sfy.asarray(xs, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=2.0**-9, atol=2.0**-9 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("through", ["add", "mul"])
+def test_chain_after_a_selection_of_distant_scales_keeps_its_placement(through):
+    """A selection among operands of distinct scales is rounded with its largest element
+    at the top of the guard band, leaving the format's range below it to the smaller
+    operand's elements. A chain that reads it (``+ 0``, ``* 2``) and is rounded later,
+    where a gather reads it, is rounded the same way: in float8 E4M3, the elements
+    2**-11 below the largest of ``where(m, x, y)`` survive (as subnormals, exactly),
+    and ``rsqrt`` of them is finite and accurate."""
+    from tests.utils import scaled
+
+    e4m3 = jnp.float8_e4m3fn
+    x = scaled(np.array([[1.5, -1.25, 1.0, 1.75]], np.float32), 2.0**6, e4m3)
+    y = scaled(np.array([[1.0, 1.5, -1.0, 1.0]], np.float32), 2.0**-5, e4m3)
+    m = jnp.array([[True, False, False, True]])
+    other = {"add": lambda v: v + jnp.zeros_like(v), "mul": lambda v: v * 2.0}[through]
+
+    def f(x, y):
+        return jax.lax.rsqrt(jnp.abs(other(jnp.where(m, x, y))[jnp.array([0])]))
+
+    got = np.asarray(sfy.asarray(jax.jit(sfy.scalify(f))(x, y), dtype=jnp.float32))
+    want = np.asarray(f(sfy.asarray(x, dtype=jnp.float32), sfy.asarray(y, dtype=jnp.float32)))
+    assert np.all(np.isfinite(got)), got
+    np.testing.assert_allclose(got, want, rtol=2.0**-4)

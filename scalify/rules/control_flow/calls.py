@@ -87,7 +87,7 @@ def _wide_meta(x: Any) -> Any:
     whose registered operands are tracers of the caller's trace)."""
     if not isinstance(x, Wide) or x.selection is not None:
         return None
-    return (x.dtype, x.guard, x.hi, x.lo, x.band, x.spread)
+    return (x.dtype, x.guard, x.hi, x.lo, x.band, x.spread, None, x.top)
 
 
 def _to_wide(x: Any, meta: Any) -> Any:
