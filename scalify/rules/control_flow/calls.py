@@ -87,12 +87,23 @@ def _wide_meta(x: Any) -> Any:
     whose registered operands are tracers of the caller's trace)."""
     if not isinstance(x, Wide) or x.selection is not None:
         return None
-    return (x.dtype, x.guard, x.hi, x.lo, x.band, x.spread, None, x.top)
+    return (x.dtype, x.guard, x.hi, x.lo, x.band, x.spread, x.top)
+
+
+def _crossing(x: Any, meta: Any) -> Any:
+    """``x`` as it crosses a ``jit`` boundary: a `Wide` value that ``meta`` describes as
+    its float32 data and scale, any other `Wide` value materialised, the rest as is."""
+    if meta is not None:
+        return mk(x.data, x.scale)
+    return x.materialise() if isinstance(x, Wide) else x
 
 
 def _to_wide(x: Any, meta: Any) -> Any:
     """``x`` (a ScaledArray of float32 data) as the `Wide` value ``meta`` describes."""
-    return x if meta is None else Wide(x.data, x.scale, *meta)
+    if meta is None:
+        return x
+    dtype, guard, hi, lo, band, spread, top = meta
+    return Wide(x.data, x.scale, dtype, guard, hi, lo, band=band, spread=spread, top=top)
 
 
 @register_scaled_op(P.jit_p, takes_deferred=_KEEP)
@@ -119,9 +130,7 @@ def jit(*operands: Any, jaxpr: ClosedJaxpr, name: str = "jit", inline: bool = Fa
     plain = not (any(donated) or compiler_options_kvs
                  or any(not _jax_compat.is_unspecified(s) for s in (*ins, *outs_sh)))
     in_meta = tuple(_wide_meta(x) if plain else None for x in operands)
-    operands = [x.materialise() if isinstance(x, Wide) and m is None else
-                mk(x.data, x.scale) if m is not None else x for x, m in zip(operands, in_meta)]
-    split = Split(operands)
+    split = Split([_crossing(x, m) for x, m in zip(operands, in_meta)])
     cfg = get_config()
     skey = split.key()
     key = None
@@ -163,8 +172,7 @@ def _make_jit(jaxpr: ClosedJaxpr, split: Split, in_meta: Sequence[Any], plain: b
         ops = [_to_wide(x, m) for x, m in zip(template.rebuild(leaves), in_meta)]
         outs = eval_closed_jaxpr(jaxpr, *ops, keep=_KEEP if plain else ())
         out_meta[:] = [_wide_meta(o) for o in outs]
-        return [o.materialise() if isinstance(o, Wide) and m is None else
-                mk(o.data, o.scale) if m is not None else o for o, m in zip(outs, out_meta)]
+        return [_crossing(o, m) for o, m in zip(outs, out_meta)]
 
     inner.__name__ = inner.__qualname__ = name
     kw: dict = {"keep_unused": keep_unused}
